@@ -1,0 +1,56 @@
+"""native_seg_hf: native image segmentation with vision transformers, as Hugging Face Transformers models.
+
+Importing the package registers every config, model and image processor with the Transformers Auto classes
+(model types `senatra` and `segmenter`), and marks them for remote code so saved folders load with
+`trust_remote_code=True` where this package is not installed.
+"""
+
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+)
+
+from .models.configuration_senatra import SENATRA_PRESETS, SeNaTraConfig
+from .models.modeling_senatra import (
+    SeNaTraBackbone,
+    SeNaTraForImageClassification,
+    SeNaTraForSemanticSegmentation,
+    SeNaTraModel,
+    SeNaTraModelOutput,
+    SeNaTraPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+
+def _register(config_class, model_classes: dict) -> None:
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    config_class.register_for_auto_class()
+    for auto_class, model_class in model_classes.items():
+        auto_class.register(config_class, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_class.__name__)
+
+
+_register(
+    SeNaTraConfig,
+    {
+        AutoModel: SeNaTraModel,
+        AutoBackbone: SeNaTraBackbone,
+        AutoModelForImageClassification: SeNaTraForImageClassification,
+        AutoModelForSemanticSegmentation: SeNaTraForSemanticSegmentation,
+    },
+)
+
+__all__ = [
+    "SENATRA_PRESETS",
+    "SeNaTraConfig",
+    "SeNaTraModel",
+    "SeNaTraModelOutput",
+    "SeNaTraPreTrainedModel",
+    "SeNaTraBackbone",
+    "SeNaTraForImageClassification",
+    "SeNaTraForSemanticSegmentation",
+]

@@ -1,0 +1,156 @@
+"""SeNaTra model configuration."""
+
+from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
+
+# Named sizes. Tiny/Base/Large follow the brief (NAT-T/B and DiNAT-L widths, which match the paper's
+# final-stage widths 512/1024/1536); Mini/Small are NAT's; Nano is a small model for CPU training.
+SENATRA_PRESETS = {
+    "nano": dict(hidden_sizes=[32, 64, 128, 256], depths=[1, 2, 4, 2], num_heads=[1, 2, 4, 8], mlp_ratio=3.0),
+    "mini": dict(hidden_sizes=[64, 128, 256, 512], depths=[3, 4, 6, 5], num_heads=[2, 4, 8, 16], mlp_ratio=3.0),
+    "tiny": dict(hidden_sizes=[64, 128, 256, 512], depths=[3, 4, 18, 5], num_heads=[2, 4, 8, 16], mlp_ratio=3.0),
+    "small": dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 4, 18, 5], num_heads=[3, 6, 12, 24], mlp_ratio=2.0,
+                  drop_path_rate=0.3, layer_scale_init_value=1e-5),
+    "base": dict(hidden_sizes=[128, 256, 512, 1024], depths=[3, 4, 18, 5], num_heads=[4, 8, 16, 32], mlp_ratio=2.0,
+                 drop_path_rate=0.5, layer_scale_init_value=1e-5),
+    "large": dict(hidden_sizes=[192, 384, 768, 1536], depths=[3, 4, 18, 5], num_heads=[6, 12, 24, 48],
+                  mlp_ratio=2.0, drop_path_rate=0.5, layer_scale_init_value=1e-5),
+}
+
+GROUPING_TYPES = ("local", "dense", "none")
+
+
+class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
+    r"""
+    Configuration of a SeNaTra (Native Segmentation Vision Transformer) model. The defaults give SeNaTra-Tiny.
+    Other sizes: `SeNaTraConfig.from_preset("base", num_labels=150)`; names in `SENATRA_PRESETS`
+    (`nano`, `mini`, `tiny`, `small`, `base`, `large`).
+
+    Args:
+        num_channels (`int`, defaults to 3): channels of the input image.
+        patch_size (`int`, defaults to 4): stride of the convolutional stem (a power of two); stage 1 runs at
+            this stride and every later stage at twice the stride of the one before.
+        hidden_sizes (`list[int]`): token width of each stage.
+        depths (`list[int]`): number of transformer blocks in each stage.
+        num_heads (`list[int]`): attention heads in each stage; `hidden_size / num_heads` must be a multiple of 4
+            (2D rotary embedding rotates pairs along each axis).
+        mlp_ratio (`float`, defaults to 3.0): MLP width over token width, in the blocks and the grouping layers.
+        attention_kernel_size (`int`, defaults to 7): side of the neighbourhood each token attends to (odd).
+            A stage whose grid is no larger than the kernel attends globally.
+        rope_theta (`float`, defaults to 100.0): base of the 2D axial rotary position embedding.
+        grouping_types (`list[str]`): one per stage transition: `"local"` (each token joins one of the 9
+            output tokens around its parent cell), `"dense"` (any output token), `"none"` (plain strided-conv
+            downsampling, the paper's ablation).
+        grouping_iterations (`int`, defaults to 3): refinement rounds of each grouping layer.
+        grouping_bias_radius (`int`, defaults to 16): relative offsets (in input tokens) beyond which a dense
+            grouping layer's relative position bias is shared (local layers never reach it).
+        drop_path_rate (`float`, defaults to 0.2): stochastic depth rate, increased linearly over the blocks.
+        layer_scale_init_value (`float`, defaults to 0.0): initial layer-scale; 0 disables layer scale.
+        hidden_act (`str`, defaults to `"gelu"`): activation of the MLPs.
+        layer_norm_eps (`float`, defaults to 1e-5): epsilon of the LayerNorms.
+        initializer_range (`float`, defaults to 0.02): std of the truncated normal weight initialisation.
+        head_hidden_size (`int`, defaults to 512): hidden width of the native 2-layer MLP segmentation head.
+        semantic_loss_ignore_index (`int`, defaults to 255): label ignored by the semantic loss.
+        num_queries (`int`, defaults to 100): learnable queries of the universal-segmentation model.
+        num_blocks (`int`, defaults to 4): final-stage blocks that process the queries (universal model).
+        out_features (`list[str]`, *optional*): stages the backbone returns, from `stage_names`
+            (`"stem"`, `"stage1"` ... `"stage4"`, strides 4, 4, 8, 16, 32). Defaults to the last stage.
+        out_indices (`list[int]`, *optional*): the same as indices into `stage_names` (`"stem"` is index 0).
+    """
+
+    model_type = "senatra"
+
+    def __init__(
+        self,
+        num_channels=3,
+        patch_size=4,
+        hidden_sizes=(64, 128, 256, 512),
+        depths=(3, 4, 18, 5),
+        num_heads=(2, 4, 8, 16),
+        mlp_ratio=3.0,
+        attention_kernel_size=7,
+        rope_theta=100.0,
+        grouping_types=("local", "local", "dense"),
+        grouping_iterations=3,
+        grouping_bias_radius=16,
+        drop_path_rate=0.2,
+        layer_scale_init_value=0.0,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        initializer_range=0.02,
+        head_hidden_size=512,
+        semantic_loss_ignore_index=255,
+        num_queries=100,
+        num_blocks=4,
+        out_features=None,
+        out_indices=None,
+        **kwargs,
+    ):
+        self.num_channels = num_channels
+        self.patch_size = patch_size
+        self.hidden_sizes = list(hidden_sizes)
+        self.depths = list(depths)
+        self.num_heads = list(num_heads)
+        self.mlp_ratio = mlp_ratio
+        self.attention_kernel_size = attention_kernel_size
+        self.rope_theta = rope_theta
+        self.grouping_types = list(grouping_types)
+        self.grouping_iterations = grouping_iterations
+        self.grouping_bias_radius = grouping_bias_radius
+        self.drop_path_rate = drop_path_rate
+        self.layer_scale_init_value = layer_scale_init_value
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.head_hidden_size = head_hidden_size
+        self.semantic_loss_ignore_index = semantic_loss_ignore_index
+        self.num_queries = num_queries
+        self.num_blocks = num_blocks
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+        self._validate_architecture()
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "SeNaTraConfig":
+        """A config of a named size (`SENATRA_PRESETS`), with any field overridden by `kwargs`."""
+        if name not in SENATRA_PRESETS:
+            raise ValueError(f"Unknown SeNaTra preset {name!r}; choose one of {sorted(SENATRA_PRESETS)}")
+        return cls(**{**SENATRA_PRESETS[name], **kwargs})
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    @property
+    def input_size_divisor(self) -> int:
+        """Input height and width must be multiples of this (the stride of the last stage)."""
+        return self.patch_size * 2 ** (self.num_stages - 1)
+
+    def _validate_architecture(self):
+        n = len(self.depths)
+        if not (len(self.hidden_sizes) == len(self.num_heads) == n) or n < 1:
+            raise ValueError(
+                f"hidden_sizes, depths and num_heads need one entry per stage, got {self.hidden_sizes}, "
+                f"{self.depths}, {self.num_heads}"
+            )
+        if len(self.grouping_types) != n - 1:
+            raise ValueError(f"grouping_types needs {n - 1} entries (one per stage transition), got {self.grouping_types}")
+        bad = [g for g in self.grouping_types if g not in GROUPING_TYPES]
+        if bad:
+            raise ValueError(f"grouping_types must be among {GROUPING_TYPES}, got {bad}")
+        for width, heads in zip(self.hidden_sizes, self.num_heads):
+            if width % heads or (width // heads) % 4:
+                raise ValueError(
+                    f"hidden size {width} with {heads} heads: the head width must be an integer multiple of 4 "
+                    "(2D rotary embedding)"
+                )
+        if self.attention_kernel_size < 1 or self.attention_kernel_size % 2 == 0:
+            raise ValueError(f"attention_kernel_size must be odd and positive, got {self.attention_kernel_size}")
+        if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"patch_size must be a power of two >= 2, got {self.patch_size}")
+        if self.grouping_iterations < 1:
+            raise ValueError(f"grouping_iterations must be >= 1, got {self.grouping_iterations}")
+
+
+__all__ = ["SeNaTraConfig", "SENATRA_PRESETS"]

@@ -1,0 +1,525 @@
+"""PyTorch SeNaTra: the Native Segmentation Vision Transformer (Brasó, Ošep, Leal-Taixé, NeurIPS 2025).
+
+A 4-stage hierarchical ViT (NAT-style neighbourhood attention with 2D rotary embedding) whose between-stage
+downsampling is a *spatial grouping layer*: output tokens start as a strided convolution of the input and are
+refined by a few rounds of soft K-means-like assignment. The soft assignments (row-stochastic `A_ups`) chain
+like a Markov process, so values on the final stage's tokens can be carried back to stride 4 (and pixels)
+without a decoder: that is the native segmentation head.
+
+Reading order: stem -> rotary embedding -> attention block -> grouping layer -> stage/encoder -> models.
+Tokens are channels-last (B, H, W, C) inside the model; feature maps in outputs are channels-first.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutputWithNoAttention, SemanticSegmenterOutput
+from transformers.utils import ModelOutput, can_return_tuple
+
+from .configuration_senatra import SeNaTraConfig
+from .grouping import (
+    LOCAL_KINDS,
+    dense_grouping_step,
+    dense_relative_offsets,
+    hard_segments,
+    local_grouping_step,
+    local_relative_offsets,
+    parent_assignment,
+    upsample_through,
+)
+from .neighborhood_attention import neighborhood_attention
+
+
+@dataclass
+class SeNaTraModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_size, height/32, width/32)`):
+            Final-stage tokens after the final LayerNorm.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`): mean of the final tokens.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the stem output and the output of every stage,
+            channels-first, in `config.stage_names` order; returned with `output_hidden_states=True`.
+        assignments (`tuple(torch.FloatTensor)`): one soft assignment per stage transition, row-stochastic
+            (`A_ups`): `(batch_size, H_l, W_l, 9)` for local and "none" transitions (weights of the 9 output
+            tokens around each token's parent cell) and `(batch_size, H_l, W_l, H_l/2 * W_l/2)` for dense ones.
+            Use `model.upsample_to_stage` and `model.native_segments` rather than reading them by hand.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    assignments: tuple[torch.FloatTensor, ...] | None = None
+
+
+def check_pixel_values(pixel_values, config: SeNaTraConfig) -> None:
+    """Raise a ValueError naming the problem for inputs the model cannot take."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+    batch, channels, height, width = pixel_values.shape
+    if batch == 0:
+        raise ValueError("pixel_values is an empty batch (batch size 0)")
+    if channels != config.num_channels:
+        raise ValueError(f"pixel_values has {channels} channels but the model expects {config.num_channels}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"pixel_values must be a floating point tensor, got {pixel_values.dtype}")
+    divisor = config.input_size_divisor
+    if height == 0 or width == 0 or height % divisor or width % divisor:
+        raise ValueError(
+            f"pixel_values height and width must be positive multiples of {divisor}, got {height}x{width}; "
+            "pad the image (SeNaTraImageProcessor does) or resize it"
+        )
+    if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
+        raise ValueError("pixel_values contains NaN or infinite values")
+
+
+class SeNaTraEmbeddings(nn.Module):
+    """Convolutional stem: log2(patch_size) overlapping 3x3 stride-2 convolutions, then LayerNorm.
+
+    NAT's tokenizer rather than a 4x4 patchify conv: SeNaTra is built on NAT, and overlapping kernels let the
+    stride-4 tokens (the finest unit native masks are made of) see across patch borders, for about 2% of the
+    Tiny model's compute.
+    """
+
+    def __init__(self, config: SeNaTraConfig):
+        super().__init__()
+        width = config.hidden_sizes[0]
+        n_convs = int(math.log2(config.patch_size))
+        widths = [config.num_channels] + [width // 2] * (n_convs - 1) + [width]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1) for c_in, c_out in zip(widths, widths[1:])
+        )
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = pixel_values
+        for conv in self.convs:
+            x = conv(x)
+        return self.norm(x.permute(0, 2, 3, 1))
+
+
+def rotary_angles_2d(height: int, width: int, head_dim: int, theta: float, device, dtype):
+    """cos and sin of the 2D axial rotary embedding, each (H, W, head_dim).
+
+    The first half of each head's channels rotates with the row index, the second half with the column index;
+    within each half, channel k is paired with channel k + head_dim/4 ("rotate half").
+    """
+    n_freqs = head_dim // 4
+    freqs = theta ** (-torch.arange(n_freqs, device=device, dtype=torch.float32) / n_freqs)
+    angle_y = torch.arange(height, device=device, dtype=torch.float32)[:, None] * freqs  # (H, n)
+    angle_x = torch.arange(width, device=device, dtype=torch.float32)[:, None] * freqs  # (W, n)
+    angle_y = angle_y.repeat(1, 2)[:, None, :].expand(height, width, 2 * n_freqs)
+    angle_x = angle_x.repeat(1, 2)[None, :, :].expand(height, width, 2 * n_freqs)
+    angles = torch.cat([angle_y, angle_x], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., H, W, head_dim) by the angles of `rotary_angles_2d`."""
+    axis_halves = x.unflatten(-1, (2, 2, -1))  # (..., axis, half, k)
+    rotated = torch.stack([-axis_halves[..., 1, :], axis_halves[..., 0, :]], dim=-2).flatten(-3)
+    return x * cos + rotated * sin
+
+
+class SeNaTraAttention(nn.Module):
+    """Multi-head neighbourhood self-attention with 2D rotary position embedding."""
+
+    def __init__(self, config: SeNaTraConfig, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.kernel_size = config.attention_kernel_size
+        self.rope_theta = config.rope_theta
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(b, h, w, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(3, 0, 4, 1, 2, 5)  # each (B, heads, H, W, head_dim)
+        cos, sin = rotary_angles_2d(h, w, self.head_dim, self.rope_theta, hidden_states.device, query.dtype)
+        query, key = apply_rotary_2d(query, cos, sin), apply_rotary_2d(key, cos, sin)
+        out = neighborhood_attention(query, key, value, self.kernel_size)
+        return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c))
+
+
+class SeNaTraMlp(nn.Module):
+    def __init__(self, config: SeNaTraConfig, dim: int):
+        super().__init__()
+        hidden = int(dim * config.mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SeNaTraDropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability `drop_prob` in training."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class SeNaTraLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)), with optional layer scale."""
+
+    def __init__(self, config: SeNaTraConfig, dim: int, num_heads: int, drop_path: float):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attention = SeNaTraAttention(config, dim, num_heads)
+        self.mlp_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = SeNaTraMlp(config, dim)
+        self.drop_path = SeNaTraDropPath(drop_path)
+        use_scale = config.layer_scale_init_value > 0
+        self.attention_scale = nn.Parameter(torch.ones(dim)) if use_scale else None
+        self.mlp_scale = nn.Parameter(torch.ones(dim)) if use_scale else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        branch = self.attention(self.attention_norm(hidden_states))
+        if self.attention_scale is not None:
+            branch = branch * self.attention_scale
+        hidden_states = hidden_states + self.drop_path(branch)
+        branch = self.mlp(self.mlp_norm(hidden_states))
+        if self.mlp_scale is not None:
+            branch = branch * self.mlp_scale
+        return hidden_states + self.drop_path(branch)
+
+
+class SeNaTraGroupingLayer(nn.Module):
+    """Spatial grouping layer: downsamples an (H, W) token grid to (H/2, W/2) by soft clustering.
+
+    Output tokens are initialised by a 3x3 stride-2 convolution (+ LayerNorm; with `kind="none"` that is
+    all there is: NAT's downsampler, the paper's "uniform downsampling" ablation), then refined
+    `grouping_iterations` times:
+        logits  = (q(LN(X_out)) / sqrt(d)) . k(LN(X_in)) + relative position bias   (restricted for "local")
+        A_ups   = softmax over output tokens, per input token
+        X_out  += A_down^T v(LN(X_in))       with A_down = A_ups / column sums (a weighted mean)
+        X_out  += MLP(LN(X_out))
+    "local": each input token may join only the 9 output tokens around its parent cell (memory linear in
+    the number of tokens); "dense": any output token.
+    """
+
+    def __init__(self, config: SeNaTraConfig, in_dim: int, out_dim: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.iterations = config.grouping_iterations
+        self.init_conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
+        self.init_norm = nn.LayerNorm(out_dim, eps=config.layer_norm_eps)
+        if kind == "none":
+            return
+        self.input_norm = nn.LayerNorm(in_dim, eps=config.layer_norm_eps)
+        self.key = nn.Linear(in_dim, out_dim)
+        self.value = nn.Linear(in_dim, out_dim)
+        self.query_norm = nn.LayerNorm(out_dim, eps=config.layer_norm_eps)
+        self.query = nn.Linear(out_dim, out_dim)
+        self.mlp_norm = nn.LayerNorm(out_dim, eps=config.layer_norm_eps)
+        self.mlp = SeNaTraMlp(config, out_dim)
+        self.scale = out_dim**-0.5
+        # Learned bias per relative offset (input token vs. output cell origin, in input tokens), offsets
+        # clipped to [-radius, radius + 1]. Local offsets always lie in [-2, 3], so radius 2 is exact there.
+        self.bias_radius = 2 if kind == "local" else config.grouping_bias_radius
+        self.relative_bias = nn.Parameter(torch.zeros((2 * self.bias_radius + 2) ** 2))
+
+    def position_bias(self, height: int, width: int) -> torch.Tensor:
+        """(4, 9) for local layers, (H*W, H/2*W/2) for dense ones."""
+        device = self.relative_bias.device
+        offsets = local_relative_offsets(device) if self.kind == "local" else dense_relative_offsets(height, width, device)
+        r = self.bias_radius
+        offsets = offsets.clamp(-r, r + 1) + r
+        return self.relative_bias[offsets[..., 0] * (2 * r + 2) + offsets[..., 1]]
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, W, C) -> output tokens (B, H/2, W/2, D) and the assignment of the last iteration."""
+        b, height, width, _ = hidden_states.shape
+        out = self.init_norm(self.init_conv(hidden_states.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        if self.kind == "none":
+            return out, parent_assignment(b, height, width, out.device, out.dtype)
+        tokens = self.input_norm(hidden_states)
+        keys, values = self.key(tokens), self.value(tokens)
+        bias = self.position_bias(height, width)
+        step = local_grouping_step if self.kind == "local" else dense_grouping_step
+        for _ in range(self.iterations):
+            queries = self.query(self.query_norm(out)) * self.scale
+            update, assignment = step(keys, values, queries, bias)
+            out = out + update
+            out = out + self.mlp(self.mlp_norm(out))
+        return out, assignment
+
+
+class SeNaTraStage(nn.Module):
+    """A stage: the grouping layer from the previous stage (none for the first), then transformer blocks."""
+
+    def __init__(self, config: SeNaTraConfig, index: int, drop_paths: list[float]):
+        super().__init__()
+        dim = config.hidden_sizes[index]
+        self.grouping = (
+            SeNaTraGroupingLayer(config, config.hidden_sizes[index - 1], dim, config.grouping_types[index - 1])
+            if index > 0
+            else None
+        )
+        self.layers = nn.ModuleList(
+            SeNaTraLayer(config, dim, config.num_heads[index], drop_path) for drop_path in drop_paths
+        )
+
+
+class SeNaTraEncoder(nn.Module):
+    def __init__(self, config: SeNaTraConfig):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        bounds = [sum(config.depths[:i]) for i in range(config.num_stages + 1)]
+        self.stages = nn.ModuleList(
+            SeNaTraStage(config, i, rates[bounds[i] : bounds[i + 1]]) for i in range(config.num_stages)
+        )
+
+    def forward(self, hidden_states: torch.Tensor, stop_before_last: int = 0):
+        """Run the stages on stem tokens (B, H, W, C).
+
+        Returns the final tokens, every stage's output (channels-last) and the assignments. With
+        `stop_before_last=n` the last n blocks of the final stage are left for the caller to run.
+        """
+        stage_outputs, assignments = [], []
+        for i, stage in enumerate(self.stages):
+            if stage.grouping is not None:
+                hidden_states, assignment = stage.grouping(hidden_states)
+                assignments.append(assignment)
+            layers = stage.layers
+            if i == len(self.stages) - 1 and stop_before_last:
+                layers = layers[: len(layers) - stop_before_last]
+            for layer in layers:
+                hidden_states = layer(hidden_states)
+            stage_outputs.append(hidden_states)
+        return hidden_states, stage_outputs, assignments
+
+
+class SeNaTraPreTrainedModel(PreTrainedModel):
+    config_class = SeNaTraConfig
+    config: SeNaTraConfig
+    base_model_prefix = "senatra"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SeNaTraLayer", "SeNaTraGroupingLayer"]
+    # Every class of this file, so that a saved folder loads as remote code through any of these Auto classes.
+    _remote_auto_map = {
+        "AutoConfig": "configuration_senatra.SeNaTraConfig",
+        "AutoModel": "modeling_senatra.SeNaTraModel",
+        "AutoBackbone": "modeling_senatra.SeNaTraBackbone",
+        "AutoModelForImageClassification": "modeling_senatra.SeNaTraForImageClassification",
+        "AutoModelForSemanticSegmentation": "modeling_senatra.SeNaTraForSemanticSegmentation",
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, SeNaTraLayer) and module.attention_scale is not None:
+            init.constant_(module.attention_scale, self.config.layer_scale_init_value)
+            init.constant_(module.mlp_scale, self.config.layer_scale_init_value)
+        elif isinstance(module, SeNaTraGroupingLayer) and module.kind != "none":
+            init.zeros_(module.relative_bias)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._remote_auto_map}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ---- the assignment hierarchy, available on every SeNaTra model ----
+
+    def upsample_to_stage(self, values: torch.Tensor, assignments, source_stage: int, target_stage: int = 1):
+        """Carry channels-first values (B, C, h, w) on stage `source_stage`'s grid down to stage `target_stage`
+        (stages count from 1; stage 1 is stride `patch_size`) through the composed soft assignments."""
+        if not 1 <= target_stage <= source_stage <= self.config.num_stages:
+            raise ValueError(f"need 1 <= target_stage <= source_stage <= {self.config.num_stages}")
+        transitions = slice(target_stage - 1, source_stage - 1)
+        out = upsample_through(
+            values.permute(0, 2, 3, 1), assignments[transitions], self.config.grouping_types[transitions]
+        )
+        return out.permute(0, 3, 1, 2)
+
+    def native_segments(self, assignments) -> list[torch.Tensor]:
+        """Hard segment maps of the native hierarchy, one per grouping level (coarser and coarser).
+
+        Level l (l = 1 .. num_stages - 1) labels every stage-1 token (B, H/patch, W/patch) with the index
+        (row-major) of the stage-(l+1) token it most belongs to under the composed assignment.
+        """
+        kinds = self.config.grouping_types
+        return [hard_segments(assignments[:level], kinds[:level]) for level in range(1, len(assignments) + 1)]
+
+
+class SeNaTraModel(SeNaTraPreTrainedModel):
+    """The SeNaTra backbone: stage outputs, pooled output and the assignment hierarchy."""
+
+    def __init__(self, config: SeNaTraConfig):
+        super().__init__(config)
+        self.embeddings = SeNaTraEmbeddings(config)
+        self.encoder = SeNaTraEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+    ) -> SeNaTraModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): height and width
+            multiples of `config.input_size_divisor` (32 for the default 4 stages and patch size 4).
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        check_pixel_values(pixel_values, self.config)
+        embeddings = self.embeddings(pixel_values)
+        last, stage_outputs, assignments = self.encoder(embeddings)
+        last = self.layernorm(last)
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(h.permute(0, 3, 1, 2) for h in [embeddings] + stage_outputs)
+        return SeNaTraModelOutput(
+            last_hidden_state=last.permute(0, 3, 1, 2),
+            pooler_output=last.mean(dim=(1, 2)),
+            hidden_states=hidden_states,
+            assignments=tuple(assignments),
+        )
+
+
+class SeNaTraForImageClassification(SeNaTraPreTrainedModel):
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: SeNaTraConfig):
+        super().__init__(config)
+        self.senatra = SeNaTraModel(config)
+        self.classifier = nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.LongTensor | None = None, output_hidden_states=None, **kwargs
+    ) -> ImageClassifierOutputWithNoAttention:
+        outputs = self.senatra(pixel_values, output_hidden_states=output_hidden_states)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+def check_semantic_labels(labels: torch.Tensor, batch_size: int, num_labels: int, ignore_index: int) -> None:
+    """Raise a ValueError naming the problem for semantic label maps the loss cannot take."""
+    if labels.dim() != 3 or labels.shape[0] != batch_size:
+        raise ValueError(f"labels must have shape (batch={batch_size}, height, width), got {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
+    if num_labels < 2:
+        raise ValueError("the semantic loss needs num_labels >= 2")
+    if not torch.compiler.is_compiling():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_labels))
+        if bad.any():
+            raise ValueError(
+                f"labels contain values outside [0, {num_labels}) that are not the ignore index {ignore_index}: "
+                f"{labels[bad].unique()[:10].tolist()}"
+            )
+
+
+class SeNaTraForSemanticSegmentation(SeNaTraPreTrainedModel):
+    """SeNaTra with the native semantic head: a 2-layer MLP on final-stage tokens, whose logits are carried
+    back to stride 4 through the composed grouping assignments (no decoder). Logits are returned at stride 4;
+    with `labels`, they are bilinearly resized to the label size for the cross-entropy loss."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: SeNaTraConfig):
+        super().__init__(config)
+        self.senatra = SeNaTraModel(config)
+        self.head = nn.Sequential(
+            nn.Linear(config.hidden_sizes[-1], config.head_hidden_size),
+            ACT2FN[config.hidden_act],
+            nn.Linear(config.head_hidden_size, config.num_labels),
+        )
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.LongTensor | None = None, output_hidden_states=None, **kwargs
+    ) -> SemanticSegmenterOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): class index per pixel,
+            `config.semantic_loss_ignore_index` where unlabelled.
+        """
+        outputs = self.senatra(pixel_values, output_hidden_states=output_hidden_states)
+        token_logits = self.head(outputs.last_hidden_state.permute(0, 2, 3, 1))
+        logits = upsample_through(token_logits, outputs.assignments, self.config.grouping_types).permute(0, 3, 1, 2)
+        loss = None
+        if labels is not None:
+            ignore = self.config.semantic_loss_ignore_index
+            check_semantic_labels(labels, logits.shape[0], self.config.num_labels, ignore)
+            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(upsampled, labels.long(), ignore_index=ignore)
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+class SeNaTraBackbone(BackboneMixin, SeNaTraPreTrainedModel):
+    """SeNaTra as a Transformers backbone: LayerNorm-ed feature maps of `config.out_features` (strides 4, 4,
+    8, 16, 32 for stem, stage1 ... stage4), for heads such as UperNet and Mask2Former."""
+
+    has_attentions = False
+
+    def __init__(self, config: SeNaTraConfig):
+        super().__init__(config)
+        self.embeddings = SeNaTraEmbeddings(config)
+        self.encoder = SeNaTraEncoder(config)
+        self.num_features = [config.hidden_sizes[0]] + list(config.hidden_sizes)
+        self.hidden_states_norms = nn.ModuleDict(
+            {stage: nn.LayerNorm(channels, eps=config.layer_norm_eps) for stage, channels in zip(self.out_features, self.channels)}
+        )
+        self.post_init()
+
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs) -> BackboneOutput:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        check_pixel_values(pixel_values, self.config)
+        embeddings = self.embeddings(pixel_values)
+        _, stage_outputs, _ = self.encoder(embeddings)
+        hidden_states = [embeddings] + stage_outputs
+        feature_maps = tuple(
+            self.hidden_states_norms[stage](hidden).permute(0, 3, 1, 2)
+            for stage, hidden in zip(self.stage_names, hidden_states)
+            if stage in self.out_features
+        )
+        all_hidden = tuple(h.permute(0, 3, 1, 2) for h in hidden_states) if output_hidden_states else None
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=all_hidden)
+
+
+__all__ = [
+    "SeNaTraPreTrainedModel",
+    "SeNaTraModel",
+    "SeNaTraModelOutput",
+    "SeNaTraBackbone",
+    "SeNaTraForImageClassification",
+    "SeNaTraForSemanticSegmentation",
+]
