@@ -59,6 +59,14 @@ class SeNaTraModelOutput(ModelOutput):
     assignments: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass
+class SeNaTraBackboneOutput(BackboneOutput):
+    """`BackboneOutput` plus `assignments` (as in `SeNaTraModelOutput`), so heads on a SeNaTra backbone can
+    carry their predictions back to stride 4 with `backbone.upsample_to_stage`."""
+
+    assignments: tuple[torch.FloatTensor, ...] | None = None
+
+
 def check_pixel_values(pixel_values, config: SeNaTraConfig) -> None:
     """Raise a ValueError naming the problem for inputs the model cannot take."""
     if not isinstance(pixel_values, torch.Tensor):
@@ -498,13 +506,15 @@ class SeNaTraBackbone(BackboneMixin, SeNaTraPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs) -> BackboneOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+    ) -> SeNaTraBackboneOutput:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         check_pixel_values(pixel_values, self.config)
         embeddings = self.embeddings(pixel_values)
-        _, stage_outputs, _ = self.encoder(embeddings)
+        _, stage_outputs, assignments = self.encoder(embeddings)
         hidden_states = [embeddings] + stage_outputs
         feature_maps = tuple(
             self.hidden_states_norms[stage](hidden).permute(0, 3, 1, 2)
@@ -512,7 +522,7 @@ class SeNaTraBackbone(BackboneMixin, SeNaTraPreTrainedModel):
             if stage in self.out_features
         )
         all_hidden = tuple(h.permute(0, 3, 1, 2) for h in hidden_states) if output_hidden_states else None
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=all_hidden)
+        return SeNaTraBackboneOutput(feature_maps=feature_maps, hidden_states=all_hidden, assignments=tuple(assignments))
 
 
 __all__ = [
@@ -520,6 +530,7 @@ __all__ = [
     "SeNaTraModel",
     "SeNaTraModelOutput",
     "SeNaTraBackbone",
+    "SeNaTraBackboneOutput",
     "SeNaTraForImageClassification",
     "SeNaTraForSemanticSegmentation",
 ]
