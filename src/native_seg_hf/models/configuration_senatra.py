@@ -51,8 +51,16 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02): std of the truncated normal weight initialisation.
         head_hidden_size (`int`, defaults to 512): hidden width of the native 2-layer MLP segmentation head.
         semantic_loss_ignore_index (`int`, defaults to 255): label ignored by the semantic loss.
-        num_queries (`int`, defaults to 100): learnable queries of the universal-segmentation model.
-        num_blocks (`int`, defaults to 4): final-stage blocks that process the queries (universal model).
+        num_queries (`int`, defaults to 100): learnable queries of the universal-segmentation model (EoMT uses
+            100 for semantic and 200 for panoptic/instance segmentation).
+        num_blocks (`int`, defaults to 4): final-stage blocks that process the queries (universal model; at most
+            the last stage's depth).
+        class_weight, mask_weight, dice_weight (`float`, defaults to 2.0, 5.0, 5.0): weights of the
+            classification, mask (sigmoid BCE) and dice losses of the universal model, and of the matcher costs.
+        no_object_weight (`float`, defaults to 0.1): weight of the no-object class in the classification loss.
+        train_num_points (`int`, defaults to 12544), oversample_ratio (`float`, defaults to 3.0),
+            importance_sample_ratio (`float`, defaults to 0.75): point sampling of the mask losses
+            (Mask2Former's).
         out_features (`list[str]`, *optional*): stages the backbone returns, from `stage_names`
             (`"stem"`, `"stage1"` ... `"stage4"`, strides 4, 4, 8, 16, 32). Defaults to the last stage.
         out_indices (`list[int]`, *optional*): the same as indices into `stage_names` (`"stem"` is index 0).
@@ -82,6 +90,13 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         semantic_loss_ignore_index=255,
         num_queries=100,
         num_blocks=4,
+        class_weight=2.0,
+        mask_weight=5.0,
+        dice_weight=5.0,
+        no_object_weight=0.1,
+        train_num_points=12544,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
         out_features=None,
         out_indices=None,
         **kwargs,
@@ -106,6 +121,13 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         self.semantic_loss_ignore_index = semantic_loss_ignore_index
         self.num_queries = num_queries
         self.num_blocks = num_blocks
+        self.class_weight = class_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        self.no_object_weight = no_object_weight
+        self.train_num_points = train_num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         self._validate_architecture()
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)

@@ -22,6 +22,7 @@ from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutputWithNoAttention, SemanticSegmenterOutput
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_senatra import SeNaTraConfig
@@ -139,7 +140,12 @@ def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 class SeNaTraAttention(nn.Module):
-    """Multi-head neighbourhood self-attention with 2D rotary position embedding."""
+    """Multi-head neighbourhood self-attention with 2D rotary position embedding.
+
+    With `queries` (the universal model's query blocks), the learnable queries and the grid tokens attend
+    globally over the joint sequence [queries; tokens] instead: queries have no position, so they are not
+    rotated. `attention_mask` (B, 1, K+N, K+N) bool, True = may attend, masks that joint attention.
+    """
 
     def __init__(self, config: SeNaTraConfig, dim: int, num_heads: int):
         super().__init__()
@@ -150,14 +156,23 @@ class SeNaTraAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, queries: torch.Tensor | None = None, attention_mask=None):
+        """(B, H, W, C) tokens [and (B, K, C) queries] -> the same shapes."""
         b, h, w, c = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(b, h, w, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(3, 0, 4, 1, 2, 5)  # each (B, heads, H, W, head_dim)
         cos, sin = rotary_angles_2d(h, w, self.head_dim, self.rope_theta, hidden_states.device, query.dtype)
         query, key = apply_rotary_2d(query, cos, sin), apply_rotary_2d(key, cos, sin)
-        out = neighborhood_attention(query, key, value, self.kernel_size)
-        return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c))
+        if queries is None:
+            out = neighborhood_attention(query, key, value, self.kernel_size)
+            return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)), None
+
+        k = queries.shape[1]
+        query_qkv = self.qkv(queries).reshape(b, k, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        joint = [torch.cat([q, t.flatten(2, 3)], dim=2) for q, t in zip(query_qkv, (query, key, value))]
+        out = F.scaled_dot_product_attention(*joint, attn_mask=attention_mask)  # (B, heads, K + H*W, head_dim)
+        out = self.proj(out.transpose(1, 2).reshape(b, k + h * w, c))
+        return out[:, k:].reshape(b, h, w, c), out[:, :k]
 
 
 class SeNaTraMlp(nn.Module):
@@ -201,15 +216,22 @@ class SeNaTraLayer(GradientCheckpointingLayer):
         self.attention_scale = nn.Parameter(torch.ones(dim)) if use_scale else None
         self.mlp_scale = nn.Parameter(torch.ones(dim)) if use_scale else None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        branch = self.attention(self.attention_norm(hidden_states))
-        if self.attention_scale is not None:
-            branch = branch * self.attention_scale
-        hidden_states = hidden_states + self.drop_path(branch)
-        branch = self.mlp(self.mlp_norm(hidden_states))
-        if self.mlp_scale is not None:
-            branch = branch * self.mlp_scale
-        return hidden_states + self.drop_path(branch)
+    def residual(self, x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        return x + self.drop_path(branch if scale is None else branch * scale)
+
+    def forward(self, hidden_states: torch.Tensor, queries: torch.Tensor | None = None, attention_mask=None):
+        """(B, H, W, C) tokens [and (B, K, C) queries, see `SeNaTraAttention`] -> (tokens, queries or None)."""
+        attended, attended_queries = self.attention(
+            self.attention_norm(hidden_states),
+            None if queries is None else self.attention_norm(queries),
+            attention_mask,
+        )
+        hidden_states = self.residual(hidden_states, attended, self.attention_scale)
+        hidden_states = self.residual(hidden_states, self.mlp(self.mlp_norm(hidden_states)), self.mlp_scale)
+        if queries is not None:
+            queries = self.residual(queries, attended_queries, self.attention_scale)
+            queries = self.residual(queries, self.mlp(self.mlp_norm(queries)), self.mlp_scale)
+        return hidden_states, queries
 
 
 class SeNaTraGroupingLayer(nn.Module):
@@ -313,7 +335,7 @@ class SeNaTraEncoder(nn.Module):
             if i == len(self.stages) - 1 and stop_before_last:
                 layers = layers[: len(layers) - stop_before_last]
             for layer in layers:
-                hidden_states = layer(hidden_states)
+                hidden_states, _ = layer(hidden_states)
             stage_outputs.append(hidden_states)
         return hidden_states, stage_outputs, assignments
 
@@ -333,6 +355,8 @@ class SeNaTraPreTrainedModel(PreTrainedModel):
         "AutoBackbone": "modeling_senatra.SeNaTraBackbone",
         "AutoModelForImageClassification": "modeling_senatra.SeNaTraForImageClassification",
         "AutoModelForSemanticSegmentation": "modeling_senatra.SeNaTraForSemanticSegmentation",
+        "AutoModelForUniversalSegmentation": "modeling_senatra.SeNaTraForUniversalSegmentation",
+        "AutoModelForImageSegmentation": "modeling_senatra.SeNaTraForUniversalSegmentation",
     }
 
     @torch.no_grad()
@@ -350,6 +374,27 @@ class SeNaTraPreTrainedModel(PreTrainedModel):
             init.constant_(module.mlp_scale, self.config.layer_scale_init_value)
         elif isinstance(module, SeNaTraGroupingLayer) and module.kind != "none":
             init.zeros_(module.relative_bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=1.0)  # EoMT's query initialisation
+        elif isinstance(module, Mask2FormerLoss):
+            empty_weight = torch.ones(self.config.num_labels + 1)
+            empty_weight[-1] = self.config.no_object_weight
+            init.copy_(module.empty_weight, empty_weight)
+        elif isinstance(module, SeNaTraForUniversalSegmentation):
+            init.ones_(module.attn_mask_probs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A pipeline tries several Auto classes in turn and keeps the first that loads, and every SeNaTra head
+        # "loads" from any SeNaTra checkpoint (with a fresh head). So inside a pipeline only the class the
+        # checkpoint was saved as loads; the ValueError sends the pipeline on to its next Auto class.
+        if kwargs.get("_from_pipeline"):
+            config = kwargs.get("config")
+            if not isinstance(config, SeNaTraConfig):
+                config = SeNaTraConfig.from_pretrained(pretrained_model_name_or_path)
+            if config.architectures and cls.__name__ not in config.architectures:
+                raise ValueError(f"{pretrained_model_name_or_path} holds a {config.architectures[0]}, not a {cls.__name__}")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._remote_auto_map}
@@ -489,6 +534,203 @@ class SeNaTraForSemanticSegmentation(SeNaTraPreTrainedModel):
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
+
+@dataclass
+class SeNaTraForUniversalSegmentationOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor`, *optional*): the Mask2Former loss summed over every prediction (deep
+            supervision), with `mask_labels` and `class_labels`.
+        class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_labels + 1)`): class
+            logits of each query; the last class is "no object".
+        masks_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, height/4, width/4)`): mask
+            logits of each query at stride 4 (native masks, carried through the grouping assignments).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_size, height/32, width/32)`):
+            final-stage tokens after the final LayerNorm.
+        assignments (`tuple(torch.FloatTensor)`): the grouping hierarchy, as in `SeNaTraModelOutput`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): as in `SeNaTraModelOutput`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    class_queries_logits: torch.FloatTensor | None = None
+    masks_queries_logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    assignments: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class SeNaTraMaskHead(nn.Module):
+    """EoMT's mask-embedding head: a 3-layer MLP on the queries."""
+
+    def __init__(self, config: SeNaTraConfig, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        self.fc3 = nn.Linear(dim, dim)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def check_mask_labels(mask_labels, class_labels, batch_size: int, num_labels: int) -> None:
+    """Raise a ValueError naming the problem for panoptic/instance targets the loss cannot take."""
+    if len(mask_labels) != batch_size or len(class_labels) != batch_size:
+        raise ValueError(
+            f"mask_labels and class_labels need one entry per image ({batch_size}), got {len(mask_labels)} and "
+            f"{len(class_labels)}"
+        )
+    for i, (masks, classes) in enumerate(zip(mask_labels, class_labels)):
+        if masks.dim() != 3 or classes.dim() != 1 or masks.shape[0] != classes.shape[0]:
+            raise ValueError(
+                f"image {i}: mask_labels must be (num_segments, height, width) and class_labels (num_segments,), "
+                f"got {tuple(masks.shape)} and {tuple(classes.shape)}"
+            )
+        if classes.numel() and (classes.min() < 0 or classes.max() >= num_labels):
+            raise ValueError(f"image {i}: class_labels must lie in [0, {num_labels}), got {classes.tolist()}")
+
+
+class SeNaTraForUniversalSegmentation(SeNaTraPreTrainedModel):
+    """EoMT-style encoder-only mask transformer on the grouping backbone (semantic, instance and panoptic).
+
+    `num_queries` learnable queries join the final stage for its last `num_blocks` blocks. In those blocks
+    queries and tokens attend *globally* over [queries; tokens]: the final stage is tiny (1/1024 of the
+    pixels), so global attention costs little there, lets every query see every token as in EoMT, and makes
+    EoMT's masked attention a plain mask on one joint attention. A LayerNorm shared by every prediction
+    (the backbone's final one) feeds a linear class head (C + 1 classes, the last is "no object") and a
+    3-layer MLP mask-embedding head; mask logits are the dot product of mask embeddings with final-stage
+    tokens, carried to stride 4 through the composed grouping assignments (native masks) instead of EoMT's
+    transposed convolutions. Carrying the logits is the same linear map as carrying the features and dotting
+    at stride 4, and is cheaper because K queries are fewer channels than the token width
+    (`scripts/benchmark_universal.py` measures both).
+
+    Training: before each query block a prediction is made from the current tokens (deep supervision) and
+    turns into a query-to-token attention mask (logits > 0) that each query keeps with probability
+    `attn_mask_probs[block]`; `MaskAnnealingCallback` anneals these from 1 to 0. Every prediction is matched
+    and penalised by Transformers' `Mask2FormerLoss`. In eval mode a block whose probability is 0 makes no
+    prediction and no mask (each block builds its own mask, so no mask of an earlier block is reused);
+    with all probabilities 0 the forward is the backbone plus the heads, and exports with `torch.export`.
+    """
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: SeNaTraConfig):
+        super().__init__(config)
+        self.num_blocks = min(config.num_blocks, config.depths[-1])
+        if self.num_blocks < 1:
+            raise ValueError("SeNaTraForUniversalSegmentation needs num_blocks >= 1 (blocks that see the queries)")
+        width = config.hidden_sizes[-1]
+        self.senatra = SeNaTraModel(config)
+        self.query = nn.Embedding(config.num_queries, width)
+        self.class_predictor = nn.Linear(width, config.num_labels + 1)
+        self.mask_head = SeNaTraMaskHead(config, width)
+        self.weight_dict = {
+            "loss_cross_entropy": config.class_weight,
+            "loss_mask": config.mask_weight,
+            "loss_dice": config.dice_weight,
+        }
+        self.criterion = Mask2FormerLoss(config=config, weight_dict=self.weight_dict)
+        self.attn_mask_probs = nn.Buffer(torch.ones(self.num_blocks))
+        self.post_init()
+
+    def predict(self, tokens: torch.Tensor, queries: torch.Tensor):
+        """Class logits (B, K, C+1) and final-stage mask logits (B, K, h, w) from tokens and queries."""
+        norm = self.senatra.layernorm
+        queries = norm(queries)
+        mask_embeddings = self.mask_head(queries)
+        mask_logits = torch.einsum("bkc,bhwc->bkhw", mask_embeddings, norm(tokens))
+        return self.class_predictor(queries), mask_logits
+
+    @staticmethod
+    def query_attention_mask(mask_logits: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+        """(B, 1, K+N, K+N) bool mask: queries see only tokens of their own predicted mask (logit > 0), each
+        query keeping that restriction with probability `prob`; everything else attends freely."""
+        b, k = mask_logits.shape[:2]
+        n = mask_logits.shape[2] * mask_logits.shape[3]
+        keeps_mask = torch.rand(b, k, 1, device=mask_logits.device) < prob
+        query_to_tokens = (mask_logits.flatten(2) > 0) | ~keeps_mask
+        mask = torch.ones(b, 1, k + n, k + n, dtype=torch.bool, device=mask_logits.device)
+        mask[:, 0, :k, k:] = query_to_tokens
+        return mask
+
+    def masks_to_stride4(self, mask_logits: torch.Tensor, assignments) -> torch.Tensor:
+        return self.upsample_to_stage(mask_logits, assignments, source_stage=self.config.num_stages, target_stage=1)
+
+    def block_is_masked(self, block: int) -> bool:
+        """Whether query block `block` predicts and masks: always in training; in eval while its probability
+        is above 0. Exporting traces the annealed inference model (probabilities 0), which has no
+        data-dependent branch."""
+        if self.training:
+            return True
+        return not torch.compiler.is_exporting() and bool(self.attn_mask_probs[block] > 0)
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> SeNaTraForUniversalSegmentationOutput:
+        r"""
+        mask_labels (`list[torch.Tensor]`, *optional*): per image, binary masks (num_segments, height, width).
+        class_labels (`list[torch.LongTensor]`, *optional*): per image, the class of each mask (num_segments,).
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        check_pixel_values(pixel_values, self.config)
+        backbone = self.senatra
+        embeddings = backbone.embeddings(pixel_values)
+        tokens, stage_outputs, assignments = backbone.encoder(embeddings, stop_before_last=self.num_blocks)
+        queries = self.query.weight[None].expand(tokens.shape[0], -1, -1)
+
+        predictions = []
+        for block, layer in enumerate(backbone.encoder.stages[-1].layers[-self.num_blocks :]):
+            attention_mask = None
+            if self.block_is_masked(block):
+                class_logits, mask_logits = self.predict(tokens, queries)
+                predictions.append((class_logits, mask_logits))
+                attention_mask = self.query_attention_mask(mask_logits, self.attn_mask_probs[block])
+            tokens, queries = layer(tokens, queries, attention_mask)
+        stage_outputs[-1] = tokens
+        class_logits, mask_logits = self.predict(tokens, queries)
+        predictions.append((class_logits, mask_logits))
+        masks_queries_logits = self.masks_to_stride4(mask_logits, assignments)
+
+        loss = None
+        if mask_labels is not None and class_labels is not None:
+            check_mask_labels(mask_labels, class_labels, tokens.shape[0], self.config.num_labels)
+            loss = sum(
+                self.prediction_loss(self.masks_to_stride4(masks, assignments), classes, mask_labels, class_labels)
+                for classes, masks in predictions[:-1]
+            )
+            loss = loss + self.prediction_loss(masks_queries_logits, class_logits, mask_labels, class_labels)
+
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(h.permute(0, 3, 1, 2) for h in [embeddings] + stage_outputs)
+        return SeNaTraForUniversalSegmentationOutput(
+            loss=loss,
+            class_queries_logits=class_logits,
+            masks_queries_logits=masks_queries_logits,
+            last_hidden_state=backbone.layernorm(tokens).permute(0, 3, 1, 2),
+            assignments=tuple(assignments),
+            hidden_states=hidden_states,
+        )
+
+    def prediction_loss(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels) -> torch.Tensor:
+        """Mask2Former's matched loss of one prediction, weighted class 2 / mask 5 / dice 5 (by default)."""
+        losses = self.criterion(
+            masks_queries_logits=masks_queries_logits,
+            class_queries_logits=class_queries_logits,
+            mask_labels=[m.to(masks_queries_logits.dtype) for m in mask_labels],
+            class_labels=[c.long() for c in class_labels],
+        )
+        return sum(self.weight_dict[name] * value for name, value in losses.items())
+
+
 class SeNaTraBackbone(BackboneMixin, SeNaTraPreTrainedModel):
     """SeNaTra as a Transformers backbone: LayerNorm-ed feature maps of `config.out_features` (strides 4, 4,
     8, 16, 32 for stem, stage1 ... stage4), for heads such as UperNet and Mask2Former."""
@@ -533,4 +775,6 @@ __all__ = [
     "SeNaTraBackboneOutput",
     "SeNaTraForImageClassification",
     "SeNaTraForSemanticSegmentation",
+    "SeNaTraForUniversalSegmentation",
+    "SeNaTraForUniversalSegmentationOutput",
 ]
