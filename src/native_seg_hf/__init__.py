@@ -13,7 +13,9 @@ from transformers import (
     AutoModelForSemanticSegmentation,
 )
 
+from .models.configuration_segmenter import SegmenterConfig
 from .models.configuration_senatra import SENATRA_PRESETS, SeNaTraConfig
+from .models.modeling_segmenter import SegmenterForSemanticSegmentation, SegmenterPreTrainedModel
 from .models.modeling_senatra import (
     SeNaTraBackbone,
     SeNaTraForImageClassification,
@@ -43,6 +45,7 @@ _register(
         AutoModelForSemanticSegmentation: SeNaTraForSemanticSegmentation,
     },
 )
+_register(SegmenterConfig, {AutoModelForSemanticSegmentation: SegmenterForSemanticSegmentation})
 
 __all__ = [
     "SENATRA_PRESETS",
@@ -53,4 +56,7 @@ __all__ = [
     "SeNaTraBackbone",
     "SeNaTraForImageClassification",
     "SeNaTraForSemanticSegmentation",
+    "SegmenterConfig",
+    "SegmenterPreTrainedModel",
+    "SegmenterForSemanticSegmentation",
 ]
