@@ -10,7 +10,9 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForImageSegmentation,
     AutoModelForSemanticSegmentation,
+    AutoModelForUniversalSegmentation,
 )
 
 from .models.configuration_segmenter import SegmenterConfig
@@ -20,10 +22,12 @@ from .models.modeling_senatra import (
     SeNaTraBackbone,
     SeNaTraForImageClassification,
     SeNaTraForSemanticSegmentation,
+    SeNaTraForUniversalSegmentation,
     SeNaTraModel,
     SeNaTraModelOutput,
     SeNaTraPreTrainedModel,
 )
+from .training import MaskAnnealingCallback, set_mask_annealing
 
 __version__ = "0.1.0"
 
@@ -43,6 +47,9 @@ _register(
         AutoBackbone: SeNaTraBackbone,
         AutoModelForImageClassification: SeNaTraForImageClassification,
         AutoModelForSemanticSegmentation: SeNaTraForSemanticSegmentation,
+        AutoModelForUniversalSegmentation: SeNaTraForUniversalSegmentation,
+        # pipeline("image-segmentation") loads by path only through this class (or the semantic one)
+        AutoModelForImageSegmentation: SeNaTraForUniversalSegmentation,
     },
 )
 _register(SegmenterConfig, {AutoModelForSemanticSegmentation: SegmenterForSemanticSegmentation})
@@ -56,6 +63,9 @@ __all__ = [
     "SeNaTraBackbone",
     "SeNaTraForImageClassification",
     "SeNaTraForSemanticSegmentation",
+    "SeNaTraForUniversalSegmentation",
+    "MaskAnnealingCallback",
+    "set_mask_annealing",
     "SegmenterConfig",
     "SegmenterPreTrainedModel",
     "SegmenterForSemanticSegmentation",

@@ -340,6 +340,10 @@ class SeNaTraEncoder(nn.Module):
         return hidden_states, stage_outputs, assignments
 
 
+TASK_MODELS = ("SeNaTraForImageClassification", "SeNaTraForSemanticSegmentation", "SeNaTraForUniversalSegmentation")
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
 class SeNaTraPreTrainedModel(PreTrainedModel):
     config_class = SeNaTraConfig
     config: SeNaTraConfig
@@ -384,16 +388,24 @@ class SeNaTraPreTrainedModel(PreTrainedModel):
             init.ones_(module.attn_mask_probs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        # A pipeline tries several Auto classes in turn and keeps the first that loads, and every SeNaTra head
-        # "loads" from any SeNaTra checkpoint (with a fresh head). So inside a pipeline only the class the
-        # checkpoint was saved as loads; the ValueError sends the pipeline on to its next Auto class.
-        if kwargs.get("_from_pipeline"):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, change_head: bool = False, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but a task model refuses a checkpoint saved as another task
+        model (its head would silently start from random) unless `change_head=True`. This is also what lets
+        `pipeline("image-segmentation", model=folder)`, which tries several Auto classes and keeps the first
+        that loads, pick the class the folder was saved as. Backbone checkpoints (`SeNaTraModel`) load into
+        any task model."""
+        if cls.__name__ in TASK_MODELS and not change_head:
             config = kwargs.get("config")
             if not isinstance(config, SeNaTraConfig):
-                config = SeNaTraConfig.from_pretrained(pretrained_model_name_or_path)
-            if config.architectures and cls.__name__ not in config.architectures:
-                raise ValueError(f"{pretrained_model_name_or_path} holds a {config.architectures[0]}, not a {cls.__name__}")
+                hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+                config = SeNaTraConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+                kwargs["config"] = config
+            saved_as = [name for name in config.architectures or [] if name in TASK_MODELS]
+            if saved_as and cls.__name__ not in saved_as:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds a {saved_as[0]}, not a {cls.__name__}; load it as "
+                    f"{saved_as[0]}, or pass change_head=True to keep its backbone and start a new head"
+                )
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -613,6 +625,7 @@ class SeNaTraForUniversalSegmentation(SeNaTraPreTrainedModel):
     """
 
     accepts_loss_kwargs = False
+    builds_mask_per_block = True  # no stale-mask reuse: the annealing schedule needs no floor (training/)
 
     def __init__(self, config: SeNaTraConfig):
         super().__init__(config)
