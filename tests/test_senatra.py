@@ -301,7 +301,9 @@ REMOTE_LOAD = textwrap.dedent(
             auto_map = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True).auto_map
             model = get_class_from_dynamic_module(auto_map[auto], folder).from_pretrained(folder).eval()
         else:
-            model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True).eval()
+            # a classifier from a segmentation checkpoint keeps the backbone and starts a new head
+            extra = {"change_head": True} if auto == "AutoModelForImageClassification" else {}
+            model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True, **extra).eval()
         with torch.no_grad():
             out = model(pixel_values=x)
         results[auto] = (type(model).__name__, out[0] if not isinstance(out[0], tuple) else out[0][-1])

@@ -13,7 +13,6 @@ are best segmented by sliding windows: that belongs to the image processor, not 
 Reading order: backbone construction -> decoder layers -> the two decoders -> the model.
 """
 
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -200,8 +199,6 @@ class SegmenterForSemanticSegmentation(SegmenterPreTrainedModel):
             patch_size = backbone_config.patch_size
             self.size_divisor = (patch_size,) * 2 if isinstance(patch_size, int) else tuple(patch_size)
             self.assignment_stage = None
-        # What `check_pixel_values` validates the input against: any height and width, since forward pads them.
-        self.input_spec = SimpleNamespace(num_channels=backbone_config.num_channels, input_size_divisor=1)
         self.post_init()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -225,7 +222,7 @@ class SegmenterForSemanticSegmentation(SegmenterPreTrainedModel):
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): class index per pixel,
             `config.semantic_loss_ignore_index` where unlabelled.
         """
-        check_pixel_values(pixel_values, self.input_spec)
+        check_pixel_values(pixel_values, self.config.backbone_config.num_channels)  # any size: forward pads
         height, width = pixel_values.shape[-2:]
         padded = F.pad(pixel_values, (0, -width % self.size_divisor[1], 0, -height % self.size_divisor[0]))
         outputs = self.backbone(padded, output_hidden_states=output_hidden_states)

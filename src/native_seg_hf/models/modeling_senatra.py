@@ -68,8 +68,9 @@ class SeNaTraBackboneOutput(BackboneOutput):
     assignments: tuple[torch.FloatTensor, ...] | None = None
 
 
-def check_pixel_values(pixel_values, config: SeNaTraConfig) -> None:
-    """Raise a ValueError naming the problem for inputs the model cannot take."""
+def check_pixel_values(pixel_values, num_channels: int, size_divisor: int = 1) -> None:
+    """Raise a ValueError naming the problem for inputs a model cannot take (sides must be multiples of
+    `size_divisor`)."""
     if not isinstance(pixel_values, torch.Tensor):
         raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
     if pixel_values.dim() != 4:
@@ -77,14 +78,13 @@ def check_pixel_values(pixel_values, config: SeNaTraConfig) -> None:
     batch, channels, height, width = pixel_values.shape
     if batch == 0:
         raise ValueError("pixel_values is an empty batch (batch size 0)")
-    if channels != config.num_channels:
-        raise ValueError(f"pixel_values has {channels} channels but the model expects {config.num_channels}")
+    if channels != num_channels:
+        raise ValueError(f"pixel_values has {channels} channels but the model expects {num_channels}")
     if not pixel_values.is_floating_point():
         raise ValueError(f"pixel_values must be a floating point tensor, got {pixel_values.dtype}")
-    divisor = config.input_size_divisor
-    if height == 0 or width == 0 or height % divisor or width % divisor:
+    if height == 0 or width == 0 or height % size_divisor or width % size_divisor:
         raise ValueError(
-            f"pixel_values height and width must be positive multiples of {divisor}, got {height}x{width}; "
+            f"pixel_values height and width must be positive multiples of {size_divisor}, got {height}x{width}; "
             "pad the image (SeNaTraImageProcessor does) or resize it"
         )
     if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
@@ -456,7 +456,7 @@ class SeNaTraModel(SeNaTraPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        check_pixel_values(pixel_values, self.config)
+        check_pixel_values(pixel_values, self.config.num_channels, self.config.input_size_divisor)
         embeddings = self.embeddings(pixel_values)
         last, stage_outputs, assignments = self.encoder(embeddings)
         last = self.layernorm(last)
@@ -693,7 +693,7 @@ class SeNaTraForUniversalSegmentation(SeNaTraPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        check_pixel_values(pixel_values, self.config)
+        check_pixel_values(pixel_values, self.config.num_channels, self.config.input_size_divisor)
         backbone = self.senatra
         embeddings = backbone.embeddings(pixel_values)
         tokens, stage_outputs, assignments = backbone.encoder(embeddings, stop_before_last=self.num_blocks)
@@ -767,7 +767,7 @@ class SeNaTraBackbone(BackboneMixin, SeNaTraPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        check_pixel_values(pixel_values, self.config)
+        check_pixel_values(pixel_values, self.config.num_channels, self.config.input_size_divisor)
         embeddings = self.embeddings(pixel_values)
         _, stage_outputs, assignments = self.encoder(embeddings)
         hidden_states = [embeddings] + stage_outputs
