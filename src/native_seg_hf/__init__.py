@@ -8,6 +8,7 @@ Importing the package registers every config, model and image processor with the
 from transformers import (
     AutoBackbone,
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForImageSegmentation,
@@ -17,6 +18,7 @@ from transformers import (
 
 from .models.configuration_segmenter import SegmenterConfig
 from .models.configuration_senatra import SENATRA_PRESETS, SeNaTraConfig
+from .models.image_processing_senatra import SeNaTraImageProcessor
 from .models.modeling_segmenter import SegmenterForSemanticSegmentation, SegmenterPreTrainedModel
 from .models.modeling_senatra import (
     SeNaTraBackbone,
@@ -53,6 +55,10 @@ _register(
     },
 )
 _register(SegmenterConfig, {AutoModelForSemanticSegmentation: SegmenterForSemanticSegmentation})
+# One processor for both model types; PIL/numpy only, as torchvision may be absent.
+for _config_class in (SeNaTraConfig, SegmenterConfig):
+    AutoImageProcessor.register(_config_class, image_processor_classes={"pil": SeNaTraImageProcessor}, exist_ok=True)
+SeNaTraImageProcessor.register_for_auto_class()
 
 __all__ = [
     "SENATRA_PRESETS",
@@ -66,6 +72,7 @@ __all__ = [
     "SeNaTraForUniversalSegmentation",
     "MaskAnnealingCallback",
     "set_mask_annealing",
+    "SeNaTraImageProcessor",
     "SegmenterConfig",
     "SegmenterPreTrainedModel",
     "SegmenterForSemanticSegmentation",

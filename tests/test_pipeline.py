@@ -1,0 +1,140 @@
+"""pipeline("image-segmentation") by path on real photos, for every model and subtask it supports, with small random
+models: masks of the image's size and labels from id2label. Also through remote code, without this package."""
+
+import glob
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Dinov2Config, EomtConfig, EomtForUniversalSegmentation, pipeline
+
+import native_seg_hf as ns
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+PHOTOS = sorted(glob.glob(os.path.join(SHARED_DATA, "ade20k_sample", "images", "*.jpg")))[:1] + sorted(
+    glob.glob(os.path.join(SHARED_DATA, "coco_panoptic_sample", "sample_data", "input_images", "*.jpg"))
+)[:1]
+pytestmark = pytest.mark.skipif(not PHOTOS, reason="no real photos in ../shared/data (ade20k_sample, coco_panoptic_sample)")
+
+ID2LABEL = {0: "sky", 1: "tree", 2: "road"}
+LABELS = dict(num_labels=3, id2label=ID2LABEL, label2id={name: i for i, name in ID2LABEL.items()})
+TINY = dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 4], attention_kernel_size=3)
+SIZE = {"shortest_edge": 96}  # small inputs keep the random models fast
+
+
+def save(model, folder, **processor_settings) -> str:
+    """A model folder as users make it: the model and its processor side by side."""
+    torch.manual_seed(0)
+    model.save_pretrained(folder)
+    ns.SeNaTraImageProcessor.from_model_config(model.config, **{"size": SIZE, **processor_settings}).save_pretrained(folder)
+    return str(folder)
+
+
+def photos():
+    return [Image.open(path) for path in PHOTOS]
+
+
+def check(results, image, scored: bool, disjoint: bool = True):
+    """Masks of the image's size, labels from id2label, scores where the subtask has them; semantic and panoptic
+    masks never overlap."""
+    assert isinstance(results, list) and results
+    covered = np.zeros((image.height, image.width), dtype=np.int64)
+    for result in results:
+        assert result["mask"].size == image.size and result["mask"].mode == "L"
+        assert result["label"] in ID2LABEL.values()
+        assert isinstance(result["score"], float) if scored else result["score"] is None
+        covered += np.asarray(result["mask"]) // 255
+    if disjoint:
+        assert covered.max() <= 1
+
+
+def test_senatra_semantic_model(tmp_path):
+    folder = save(ns.SeNaTraForSemanticSegmentation(ns.SeNaTraConfig(**TINY, **LABELS)), tmp_path)
+    segmenter = pipeline("image-segmentation", model=folder)
+    assert type(segmenter.model) is ns.SeNaTraForSemanticSegmentation
+    assert type(segmenter.image_processor) is ns.SeNaTraImageProcessor
+    for image in photos():
+        semantic = segmenter(image, subtask="semantic")
+        check(semantic, image, scored=False)
+        covered = sum(np.asarray(r["mask"], dtype=np.int64) // 255 for r in semantic)
+        assert (covered == 1).all()  # every pixel has a class
+        # Without a subtask the pipeline asks for panoptic: one scored segment per class for a semantic model.
+        check(segmenter(image, threshold=0.0), image, scored=True)
+        with pytest.raises(ValueError, match="needs query predictions"):
+            segmenter(image, subtask="instance")
+
+
+@pytest.mark.skipif(not hasattr(ns, "SegmenterForSemanticSegmentation"), reason="Segmenter is not in native_seg_hf")
+def test_segmenter_model(tmp_path):
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32)
+    model = ns.SegmenterForSemanticSegmentation(ns.SegmenterConfig(backbone_config=backbone, **LABELS))
+    segmenter = pipeline("image-segmentation", model=save(model, tmp_path))
+    assert type(segmenter.model) is ns.SegmenterForSemanticSegmentation
+    for image in photos():
+        check(segmenter(image, subtask="semantic"), image, scored=False)
+
+
+def universal_subtasks(segmenter):
+    for image in photos():
+        check(segmenter(image, subtask="panoptic", threshold=0.0), image, scored=True)
+        check(segmenter(image, subtask="instance", threshold=0.0), image, scored=True, disjoint=False)
+        check(segmenter(image, subtask="semantic"), image, scored=False)
+
+
+@pytest.mark.skipif(not hasattr(ns, "SeNaTraForUniversalSegmentation"), reason="SeNaTraForUniversalSegmentation is not in native_seg_hf")
+def test_senatra_universal_model(tmp_path):
+    model = ns.SeNaTraForUniversalSegmentation(ns.SeNaTraConfig(**TINY, **LABELS, num_queries=8, num_blocks=1))
+    segmenter = pipeline("image-segmentation", model=save(model, tmp_path))
+    assert type(segmenter.model) is ns.SeNaTraForUniversalSegmentation
+    universal_subtasks(segmenter)
+
+
+def test_transformers_eomt_with_our_processor(tmp_path):
+    """EoMT takes one fixed input size: the processor fits the longer side and pads to the square."""
+    config = EomtConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16, num_queries=8,
+        num_blocks=1, num_register_tokens=1, **LABELS,
+    )
+    model = EomtForUniversalSegmentation(config)
+    model.attn_mask_probs.zero_()  # inference without masked attention, as after annealing
+    folder = save(model, tmp_path, size={"longest_edge": 64}, pad_size={"height": 64, "width": 64}, size_divisor=16)
+    segmenter = pipeline("image-segmentation", model=folder)
+    assert type(segmenter.model) is EomtForUniversalSegmentation
+    universal_subtasks(segmenter)
+
+
+REMOTE_PIPELINE = textwrap.dedent(
+    """
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "native_seg_hf" or name.startswith("native_seg_hf."):
+                raise ImportError("native_seg_hf is blocked in this process")
+    sys.meta_path.insert(0, Block())
+    from PIL import Image
+    from transformers import pipeline
+    folder, photo = sys.argv[1:]
+    segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+    image = Image.open(photo)
+    results = segmenter(image, subtask="semantic")
+    assert type(segmenter.image_processor).__name__ == "SeNaTraImageProcessor", type(segmenter.image_processor)
+    assert results and all(r["mask"].size == image.size for r in results), results
+    print(type(segmenter.model).__name__, sorted(r["label"] for r in results))
+    """
+)
+
+
+def test_pipeline_from_remote_code_without_the_package(tmp_path):
+    folder = save(ns.SeNaTraForSemanticSegmentation(ns.SeNaTraConfig(**TINY, **LABELS)), tmp_path)
+    assert os.path.isfile(os.path.join(folder, "image_processing_senatra.py"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [sys.executable, "-c", REMOTE_PIPELINE, folder, PHOTOS[0]], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[0] == "SeNaTraForSemanticSegmentation"
