@@ -183,7 +183,9 @@ def prepare(name: str, raw: Path, out: Path, num_shards: int = 4) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist (raw data for {name!r})")
     splits = spec["convert"](root)
-    card = f"# {name}\n\n{spec['about']}.\n\nSplits: " + ", ".join(f"{s} {len(r)}" for s, r in splits.items())
+    configs = "".join(f"  - split: {split}\n    path: data/{split}-*\n" for split in splits)
+    card = f"---\npretty_name: {name}\nconfigs:\n- config_name: default\n  data_files:\n{configs}---\n\n"
+    card += f"# {name}\n\n{spec['about']}.\n\nSplits: " + ", ".join(f"{s} {len(r)}" for s, r in splits.items())
     card += f".\n\nTerms: {spec['terms']}.\n\nConverted from `{root}` by native_seg_hf `scripts/prepare_data.py`.\n"
     write_dataset(splits, spec["id2label"](root), out / name, card, num_shards)
     return out / name

@@ -1,0 +1,81 @@
+"""AdamW with layer-wise learning-rate decay and EoMT's schedule: warm-up, then polynomial decay.
+
+Layer-wise decay (EoMT/BEiT): the backbone's embeddings get `lr * decay**L`, its block b (1..L, in the order the
+model runs them) `lr * decay**(L - b)`, and everything else (heads, queries, decoders, final norms) the base `lr`.
+Blocks are recognised by name in every model this package trains: SeNaTra (`encoder.stages.s.layers.b` and each
+stage's `grouping` layer, which counts as a block), Dinov2/ViT backbones of Segmenter (`encoder.layer.b`) and
+Transformers' EoMT (`layers.b`). decay = 1 gives every parameter the base lr (training from scratch).
+
+Schedule (EoMT, section 4.3 of the brief): the non-backbone groups warm up linearly from 0 over `warmup_steps`;
+with `backbone_warmup_steps` > 0 the backbone stays frozen (lr 0) during that warm-up and then warms up over
+`backbone_warmup_steps` (two-stage warm-up), else it warms up with the rest. After its warm-up each group decays
+polynomially, `(1 - t' / T') ** power`, t' and T' counted from the end of its own warm-up to `total_steps`.
+Weight decay applies to every parameter, as in EoMT.
+"""
+
+import re
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+BACKBONE_BLOCK = re.compile(
+    r"^(?:senatra\.|backbone\.)?(encoder\.stages\.\d+\.(?:layers\.\d+|grouping)|encoder\.layer\.\d+|layers\.\d+)\."
+)
+EMBEDDINGS = re.compile(r"^(?:senatra\.|backbone\.)?embeddings\.")
+
+
+def layer_decay_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Optimizer parameter groups, one per depth, with `lr` scaled by depth (module docstring). Each group also
+    carries `is_backbone` for the schedule."""
+    blocks: list[str] = []
+    depth_of = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        match = BACKBONE_BLOCK.match(name)
+        if match:
+            if match.group(1) not in blocks:
+                blocks.append(match.group(1))
+            depth_of[name] = blocks.index(match.group(1)) + 1
+        elif EMBEDDINGS.match(name):
+            depth_of[name] = 0
+    num_blocks = len(blocks)
+    groups: dict[int, dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        depth = depth_of.get(name, num_blocks + 1)
+        group = groups.setdefault(depth, {
+            "params": [], "weight_decay": weight_decay, "is_backbone": depth <= num_blocks,
+            "lr": lr * layer_decay ** max(0, num_blocks - depth),
+        })
+        group["params"].append(parameter)
+    return [groups[depth] for depth in sorted(groups)]
+
+
+def create_optimizer(model, lr: float, weight_decay: float = 0.05, layer_decay: float = 1.0,
+                     betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    return torch.optim.AdamW(layer_decay_groups(model, lr, weight_decay, layer_decay), lr=lr, betas=betas)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, power: float = 0.9, delay: int = 0) -> float:
+    """The multiplier of a group's lr at `step`: 0 before `delay`, a linear warm-up over `warmup_steps`, then
+    polynomial decay to 0 at `total_steps`."""
+    if step < delay:
+        return 0.0
+    start = delay + warmup_steps
+    if step < start:
+        return (step - delay + 1) / warmup_steps
+    return max(0.0, 1 - (step - start) / max(1, total_steps - start)) ** power
+
+
+def create_scheduler(optimizer, total_steps: int, warmup_steps: int = 0, backbone_warmup_steps: int = 0,
+                     power: float = 0.9) -> LambdaLR:
+    """One `LambdaLR` over every group: EoMT's two-stage warm-up when `backbone_warmup_steps` > 0 (module
+    docstring), one warm-up for all otherwise."""
+    def schedule(is_backbone: bool):
+        if is_backbone and backbone_warmup_steps > 0:
+            return lambda step: lr_factor(step, backbone_warmup_steps, total_steps, power, delay=warmup_steps)
+        return lambda step: lr_factor(step, warmup_steps, total_steps, power)
+
+    return LambdaLR(optimizer, [schedule(group["is_backbone"]) for group in optimizer.param_groups])
