@@ -24,7 +24,7 @@ from transformers import (
 
 import native_seg_hf as ns
 from native_seg_hf.models.grouping import NEIGHBOUR_OFFSETS
-from native_seg_hf.models.modeling_senatra import SeNaTraGroupingLayer, apply_rotary_2d, rotary_angles_2d
+from native_seg_hf.models.modeling_senatra import SeNaTraGroupingLayer, apply_rotary_2d, rotary_embedding_2d
 
 TINY = dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 4], attention_kernel_size=3)
 
@@ -128,11 +128,12 @@ def test_local_and_dense_bias_share_the_offset_convention():
 
 def test_rotary_embedding_is_relative():
     torch.manual_seed(5)
-    q, k = torch.randn(8), torch.randn(8)
-    cos, sin = rotary_angles_2d(10, 10, 8, 100.0, None, torch.float32)
+    q, k = torch.randn(1, 10, 10, 1, 8), torch.randn(1, 10, 10, 1, 8)
+    q, k = q[:, :1, :1].expand_as(q), k[:, :1, :1].expand_as(k)  # the same vectors at every position
+    rq, rk = (apply_rotary_2d(t, rotary_embedding_2d(10, 10, 8, 100.0)) for t in (q, k))
 
     def score(p, r):
-        return (apply_rotary_2d(q, cos[p], sin[p]) * apply_rotary_2d(k, cos[r], sin[r])).sum()
+        return (rq[0, p[0], p[1], 0] * rk[0, r[0], r[1], 0]).sum()
 
     assert torch.allclose(score((1, 2), (4, 7)), score((3, 1), (6, 6)), atol=1e-5)  # same offset (3, 5)
     assert not torch.allclose(score((1, 2), (4, 7)), score((1, 2), (7, 4)), atol=1e-3)

@@ -116,27 +116,25 @@ class SeNaTraEmbeddings(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1))
 
 
-def rotary_angles_2d(height: int, width: int, head_dim: int, theta: float, device, dtype):
-    """cos and sin of the 2D axial rotary embedding, each (H, W, head_dim).
+def rotary_embedding_2d(height: int, width: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """The 2D axial rotary embedding of an (H, W) grid as unit complex numbers, (H, W, 1, head_dim / 2).
 
-    The first half of each head's channels rotates with the row index, the second half with the column index;
-    within each half, channel k is paired with channel k + head_dim/4 ("rotate half").
+    Channels (2k, 2k + 1) of a head form pair k; the first half of the pairs rotates with the row index, the
+    second half with the column index, at frequencies theta^(-j / n), j < n = head_dim / 4. The middle axis
+    broadcasts over heads. Computed once per stage and shared by its blocks.
     """
-    n_freqs = head_dim // 4
-    freqs = theta ** (-torch.arange(n_freqs, device=device, dtype=torch.float32) / n_freqs)
-    angle_y = torch.arange(height, device=device, dtype=torch.float32)[:, None] * freqs  # (H, n)
-    angle_x = torch.arange(width, device=device, dtype=torch.float32)[:, None] * freqs  # (W, n)
-    angle_y = angle_y.repeat(1, 2)[:, None, :].expand(height, width, 2 * n_freqs)
-    angle_x = angle_x.repeat(1, 2)[None, :, :].expand(height, width, 2 * n_freqs)
-    angles = torch.cat([angle_y, angle_x], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    n = head_dim // 4
+    freqs = theta ** (-torch.arange(n, device=device, dtype=torch.float32) / n)
+    angle_y = torch.arange(height, device=device, dtype=torch.float32)[:, None, None] * freqs  # (H, 1, n)
+    angle_x = torch.arange(width, device=device, dtype=torch.float32)[None, :, None] * freqs  # (1, W, n)
+    angles = torch.cat([angle_y.expand(height, width, n), angle_x.expand(height, width, n)], dim=-1)
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
 
 
-def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., H, W, head_dim) by the angles of `rotary_angles_2d`."""
-    axis_halves = x.unflatten(-1, (2, 2, -1))  # (..., axis, half, k)
-    rotated = torch.stack([-axis_halves[..., 1, :], axis_halves[..., 0, :]], dim=-2).flatten(-3)
-    return x * cos + rotated * sin
+def apply_rotary_2d(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, W, heads, head_dim) by `rotation` from `rotary_embedding_2d` (one complex multiply)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class SeNaTraAttention(nn.Module):
@@ -152,17 +150,19 @@ class SeNaTraAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.kernel_size = config.attention_kernel_size
-        self.rope_theta = config.rope_theta
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, hidden_states: torch.Tensor, queries: torch.Tensor | None = None, attention_mask=None):
-        """(B, H, W, C) tokens [and (B, K, C) queries] -> the same shapes."""
+    def forward(
+        self, hidden_states: torch.Tensor, rotation: torch.Tensor, queries: torch.Tensor | None = None, attention_mask=None
+    ):
+        """(B, H, W, C) tokens [and (B, K, C) queries] -> the same shapes; `rotation` from `rotary_embedding_2d`."""
         b, h, w, c = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(b, h, w, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(3, 0, 4, 1, 2, 5)  # each (B, heads, H, W, head_dim)
-        cos, sin = rotary_angles_2d(h, w, self.head_dim, self.rope_theta, hidden_states.device, query.dtype)
-        query, key = apply_rotary_2d(query, cos, sin), apply_rotary_2d(key, cos, sin)
+        # Rotate while channels are still contiguous, then move heads forward: (B, heads, H, W, head_dim).
+        query = apply_rotary_2d(qkv[:, :, :, 0], rotation).permute(0, 3, 1, 2, 4)
+        key = apply_rotary_2d(qkv[:, :, :, 1], rotation).permute(0, 3, 1, 2, 4)
+        value = qkv[:, :, :, 2].permute(0, 3, 1, 2, 4)
         if queries is None:
             out = neighborhood_attention(query, key, value, self.kernel_size)
             return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)), None
@@ -219,10 +219,13 @@ class SeNaTraLayer(GradientCheckpointingLayer):
     def residual(self, x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         return x + self.drop_path(branch if scale is None else branch * scale)
 
-    def forward(self, hidden_states: torch.Tensor, queries: torch.Tensor | None = None, attention_mask=None):
+    def forward(
+        self, hidden_states: torch.Tensor, rotation: torch.Tensor, queries: torch.Tensor | None = None, attention_mask=None
+    ):
         """(B, H, W, C) tokens [and (B, K, C) queries, see `SeNaTraAttention`] -> (tokens, queries or None)."""
         attended, attended_queries = self.attention(
             self.attention_norm(hidden_states),
+            rotation,
             None if queries is None else self.attention_norm(queries),
             attention_mask,
         )
@@ -309,6 +312,12 @@ class SeNaTraStage(nn.Module):
         self.layers = nn.ModuleList(
             SeNaTraLayer(config, dim, config.num_heads[index], drop_path) for drop_path in drop_paths
         )
+        self.head_dim = dim // config.num_heads[index]
+        self.rope_theta = config.rope_theta
+
+    def rotation(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The rotary embedding of the grid of `tokens` (B, H, W, C), shared by the stage's blocks."""
+        return rotary_embedding_2d(tokens.shape[1], tokens.shape[2], self.head_dim, self.rope_theta, tokens.device)
 
 
 class SeNaTraEncoder(nn.Module):
@@ -334,8 +343,9 @@ class SeNaTraEncoder(nn.Module):
             layers = stage.layers
             if i == len(self.stages) - 1 and stop_before_last:
                 layers = layers[: len(layers) - stop_before_last]
+            rotation = stage.rotation(hidden_states)
             for layer in layers:
-                hidden_states, _ = layer(hidden_states)
+                hidden_states, _ = layer(hidden_states, rotation)
             stage_outputs.append(hidden_states)
         return hidden_states, stage_outputs, assignments
 
@@ -700,13 +710,15 @@ class SeNaTraForUniversalSegmentation(SeNaTraPreTrainedModel):
         queries = self.query.weight[None].expand(tokens.shape[0], -1, -1)
 
         predictions = []
-        for block, layer in enumerate(backbone.encoder.stages[-1].layers[-self.num_blocks :]):
+        last_stage = backbone.encoder.stages[-1]
+        rotation = last_stage.rotation(tokens)
+        for block, layer in enumerate(last_stage.layers[-self.num_blocks :]):
             attention_mask = None
             if self.block_is_masked(block):
                 class_logits, mask_logits = self.predict(tokens, queries)
                 predictions.append((class_logits, mask_logits))
                 attention_mask = self.query_attention_mask(mask_logits, self.attn_mask_probs[block])
-            tokens, queries = layer(tokens, queries, attention_mask)
+            tokens, queries = layer(tokens, rotation, queries, attention_mask)
         stage_outputs[-1] = tokens
         class_logits, mask_logits = self.predict(tokens, queries)
         predictions.append((class_logits, mask_logits))
