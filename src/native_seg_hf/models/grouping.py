@@ -15,6 +15,8 @@ Rows of every assignment sum to 1 (`A_ups`, "upsampling"); dividing by the colum
 import torch
 import torch.nn.functional as F
 
+from .kernels import use_triton
+
 NEIGHBOUR_OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 CENTRE = NEIGHBOUR_OFFSETS.index((0, 0))
 LOCAL_KINDS = ("local", "none")
@@ -132,12 +134,23 @@ def dense_grouping_step_torch(keys, values, queries, bias):
 
 
 def local_grouping_step(keys, values, queries, bias):
-    """Local grouping step (see `local_grouping_step_torch` for the contract)."""
+    """Local grouping step (see `local_grouping_step_torch` for the contract).
+
+    Runs the fused Triton kernels of `grouping_triton` or the PyTorch reference, as `kernels.use_triton` says.
+    """
+    if use_triton(keys, values, queries, bias):
+        from .grouping_triton import local_grouping_step_triton  # on use: it needs Triton, and imports this module
+
+        return local_grouping_step_triton(keys, values, queries, bias)
     return local_grouping_step_torch(keys, values, queries, bias)
 
 
 def dense_grouping_step(keys, values, queries, bias):
-    """Dense grouping step (see `dense_grouping_step_torch` for the contract)."""
+    """Dense grouping step (see `dense_grouping_step_torch` for the contract).
+
+    The same code on both kernel paths: it is two dense matmuls and a softmax, which cuBLAS already does
+    well, and the default configuration uses it only on the coarsest grid, where N_in x N_out is small.
+    """
     return dense_grouping_step_torch(keys, values, queries, bias)
 
 

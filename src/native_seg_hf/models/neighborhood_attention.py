@@ -1,4 +1,4 @@
-"""2D neighbourhood attention (NAT semantics) in pure PyTorch.
+"""2D neighbourhood attention (NAT semantics): the PyTorch reference and the dispatcher.
 
 Every query at (y, x) attends to the `kernel_size x kernel_size` keys of a window centred on it; near the
 borders the window is shifted inside the grid (so every query always sees kernel_size**2 keys), as in NAT.
@@ -14,6 +14,8 @@ and the matmuls are dense, which is what makes this fast on a CPU.
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import use_triton
 
 
 def window_starts(positions: torch.Tensor, length: int, kernel_size: int) -> torch.Tensor:
@@ -87,5 +89,13 @@ def neighborhood_attention_torch(
 def neighborhood_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int
 ) -> torch.Tensor:
-    """Neighbourhood attention, (B, heads, H, W, head_dim) -> (B, heads, H, W, head_dim)."""
+    """Neighbourhood attention, (B, heads, H, W, head_dim) -> (B, heads, H, W, head_dim).
+
+    Runs the Triton kernels of `neighborhood_attention_triton` or the PyTorch reference, as
+    `kernels.use_triton` says.
+    """
+    if use_triton(query, key, value):
+        from .neighborhood_attention_triton import neighborhood_attention_triton  # on use: its kernels need Triton
+
+        return neighborhood_attention_triton(query, key, value, kernel_size)
     return neighborhood_attention_torch(query, key, value, kernel_size)
