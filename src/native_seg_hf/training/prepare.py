@@ -38,16 +38,18 @@ def file_bytes(path: Path) -> dict:
     return {"bytes": path.read_bytes(), "path": None}
 
 
+def camvid_row(image: Path, label: Path) -> dict:
+    label_map = np.asarray(PILImage.open(label))
+    return {"id": image.stem, "image": file_bytes(image), "label": png_bytes(np.where(label_map > 10, IGNORE, label_map))}
+
+
 def camvid(root: Path) -> dict[str, list[dict]]:
     """CamVid (SegNet version): train 367 / validation 101; class 11 (void) becomes 255."""
-    splits = {}
-    for split, folder in (("train", "train"), ("validation", "val")):
-        rows = []
-        for image in sorted((root / folder / "images").glob("*.jpg")):
-            label = np.asarray(PILImage.open(root / folder / "labels" / f"{image.stem}.png"))
-            rows.append({"id": image.stem, "image": file_bytes(image), "label": png_bytes(np.where(label > 10, IGNORE, label))})
-        splits[split] = rows
-    return splits
+    return {
+        split: [camvid_row(image, root / folder / "labels" / f"{image.stem}.png")
+                for image in sorted((root / folder / "images").glob("*.jpg"))]
+        for split, folder in (("train", "train"), ("validation", "val"))
+    }
 
 
 def weizmann_horse(root: Path, val_fraction: float = 0.15, seed: int = 0) -> dict[str, list[dict]]:
@@ -178,17 +180,30 @@ def write_dataset(splits: dict[str, list[dict]], id2label: dict[int, str], out: 
 
 def prepare(name: str, raw: Path, out: Path, num_shards: int = 4) -> Path:
     """Convert `raw/<name>` into `out/<name>` and return that folder."""
-    spec = DATASETS[name]
     root = raw / name
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist (raw data for {name!r})")
-    splits = spec["convert"](root)
+    return write_named(name, DATASETS[name]["convert"](root), DATASETS[name]["id2label"](root), out / name,
+                       f"Converted from `{root}`", num_shards)
+
+
+def prepare_camvid_files(pairs: dict[str, list[tuple[Path, Path]]], out: Path) -> Path:
+    """A CamVid dataset folder at `out` from chosen files: {split: [(image.jpg, label.png), ...]} (a few images
+    for tests, the bundled fixture for the main job without ../shared/data)."""
+    splits = {split: [camvid_row(image, label) for image, label in files] for split, files in pairs.items()}
+    return write_named("camvid", splits, dict(enumerate(CAMVID_CLASSES)), out, "A subset of CamVid files")
+
+
+def write_named(name: str, splits: dict[str, list[dict]], id2label: dict[int, str], out: Path, origin: str,
+                num_shards: int = 4) -> Path:
+    """`write_dataset` with a card naming the set, its splits and its terms (DATASETS)."""
+    spec = DATASETS[name]
     configs = "".join(f"  - split: {split}\n    path: data/{split}-*\n" for split in splits)
     card = f"---\npretty_name: {name}\nconfigs:\n- config_name: default\n  data_files:\n{configs}---\n\n"
     card += f"# {name}\n\n{spec['about']}.\n\nSplits: " + ", ".join(f"{s} {len(r)}" for s, r in splits.items())
-    card += f".\n\nTerms: {spec['terms']}.\n\nConverted from `{root}` by native_seg_hf `scripts/prepare_data.py`.\n"
-    write_dataset(splits, spec["id2label"](root), out / name, card, num_shards)
-    return out / name
+    card += f".\n\nTerms: {spec['terms']}.\n\n{origin} by native_seg_hf `scripts/prepare_data.py`.\n"
+    write_dataset(splits, id2label, out, card, num_shards)
+    return out
 
 
 def dataset_terms(source) -> str | None:
