@@ -169,13 +169,26 @@ def dense_neighbourhood_reference(q, k, v, kernel_size):
 
 
 @pytest.mark.parametrize(
-    "height,width,kernel,tile", [(13, 21, 7, 8), (7, 7, 7, 8), (5, 30, 7, 8), (9, 17, 3, 4), (16, 16, 7, 16), (3, 3, 5, 8)]
+    "height,width,kernel,tile",
+    [(13, 21, 7, 8), (7, 7, 7, 8), (5, 30, 7, 8), (9, 17, 3, 4), (16, 16, 7, 16), (3, 3, 5, 8), (26, 12, 7, 8),
+     (24, 40, 5, 4), (12, 6, 11, 8)],
 )
-def test_neighborhood_attention_equals_dense_masked_reference(height, width, kernel, tile):
+@pytest.mark.parametrize("dense_max_tokens", [0, 10_000])  # the tiled path, and one dense masked call
+def test_neighborhood_attention_equals_dense_masked_reference(height, width, kernel, tile, dense_max_tokens):
     torch.manual_seed(6)
     q, k, v = (torch.randn(2, 3, height, width, 8, dtype=torch.float64) for _ in range(3))
-    out = neighborhood_attention_torch(q, k, v, kernel, tile=tile)
+    out = neighborhood_attention_torch(q, k, v, kernel, tile=tile, dense_max_tokens=dense_max_tokens)
     assert torch.allclose(out, dense_neighbourhood_reference(q, k, v, kernel), atol=1e-10)
+
+
+def test_neighborhood_attention_gradients_match_reference():
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 19, 10, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = neighborhood_attention_torch(q, k, v, 5, tile=4, dense_max_tokens=0)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref = dense_neighbourhood_reference(q, k, v, 5)
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
+        assert torch.allclose(g, r, atol=1e-10)
 
 
 def test_neighborhood_attention_windows_shift_inside_at_borders():
