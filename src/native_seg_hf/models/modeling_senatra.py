@@ -27,7 +27,6 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_senatra import SeNaTraConfig
 from .grouping import (
-    LOCAL_KINDS,
     dense_grouping_step,
     dense_relative_offsets,
     hard_segments,
