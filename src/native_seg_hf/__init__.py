@@ -54,7 +54,11 @@ _register(
         AutoModelForImageSegmentation: SeNaTraForUniversalSegmentation,
     },
 )
-_register(SegmenterConfig, {AutoModelForSemanticSegmentation: SegmenterForSemanticSegmentation})
+# Segmenter has no head-less base model: AutoModel gives the whole model, as the DESIGN contract asks.
+_register(
+    SegmenterConfig,
+    {AutoModel: SegmenterForSemanticSegmentation, AutoModelForSemanticSegmentation: SegmenterForSemanticSegmentation},
+)
 # One processor for both model types; PIL/numpy only, as torchvision may be absent.
 for _config_class in (SeNaTraConfig, SegmenterConfig):
     AutoImageProcessor.register(_config_class, image_processor_classes={"pil": SeNaTraImageProcessor}, exist_ok=True)

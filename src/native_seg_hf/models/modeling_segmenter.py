@@ -206,6 +206,13 @@ class SegmenterForSemanticSegmentation(SegmenterPreTrainedModel):
         # loaded (or downloaded) again when the checkpoint is reloaded; `backbone` stays as the record of their origin.
         use_pretrained_backbone = self.config.use_pretrained_backbone
         self.config.use_pretrained_backbone = False
+        # Both Auto classes load the folder as remote code (custom_object_save only adds the saving class's one).
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": "configuration_segmenter.SegmenterConfig",
+            "AutoModel": "modeling_segmenter.SegmenterForSemanticSegmentation",
+            "AutoModelForSemanticSegmentation": "modeling_segmenter.SegmenterForSemanticSegmentation",
+        }
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:
