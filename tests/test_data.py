@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 
+import datasets
 import numpy as np
 import pytest
 from datasets import load_dataset
@@ -23,6 +24,13 @@ from native_seg_hf.training.data import (
 )
 from native_seg_hf.training.prepare import write_dataset
 from segmentation_datasets import COLORS, ID2LABEL, camvid_dataset, synthetic_dataset, synthetic_rows
+
+
+@pytest.fixture(autouse=True)
+def no_parquet_shutdown_sleep(monkeypatch):
+    """datasets sleeps 5 s whenever a Parquet stream's iteration ends (a guard for apache/arrow#45214), at every
+    pass over these tiny sets; the tests skip it."""
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
 
 
 def test_camvid_folder_loads_like_a_hub_dataset(tmp_path):

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
@@ -24,7 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoConfig, EomtConfig, EomtForUniversalSegmentation
 
-from ..metrics.semantic import MeanIoU
+from ..metrics import MeanIoU
 from ..models.configuration_segmenter import SegmenterConfig
 from ..models.configuration_senatra import SeNaTraConfig
 from ..models.image_processing_senatra import SeNaTraImageProcessor
@@ -157,7 +158,6 @@ def evaluate_model(model, processor, samples, num_labels: int, accelerator: Acce
     was_training = model.training
     model.eval()
     metric = MeanIoU(num_labels, ignore_index=ignore_index)
-    metric.confusion_matrix = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
     count = 0
     for batch in batches(samples, batch_size):
         images = [sample["image"] for sample in batch]
@@ -167,7 +167,8 @@ def evaluate_model(model, processor, samples, num_labels: int, accelerator: Acce
         predictions = processor.post_process_semantic_segmentation(outputs, sizes)
         metric.update(predictions, [torch.from_numpy(sample["label"].astype("int64")) for sample in batch])
         count += len(batch)
-    metric.confusion_matrix = accelerator.reduce(metric.confusion_matrix, "sum")
+    counts = metric.confusion_matrix if count else np.zeros((num_labels, num_labels), dtype=np.int64)
+    metric.confusion_matrix = accelerator.reduce(torch.from_numpy(counts).to(accelerator.device), "sum").cpu().numpy()
     scores = metric.compute()
     model.train(was_training)
     return {

@@ -23,7 +23,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from ..metrics.semantic import MeanIoU
+from ..metrics import MeanIoU
 from .data import Augmentation, SampleDecoder, collate
 
 
@@ -68,7 +68,7 @@ class MeanIoUMetrics:
         self.id2label = id2label or {}
 
     def __call__(self, eval_pred, compute_result: bool = True) -> dict:
-        self.metric.update(torch.as_tensor(eval_pred.predictions), torch.as_tensor(eval_pred.label_ids))
+        self.metric.update(eval_pred.predictions, eval_pred.label_ids)
         if not compute_result:
             return {}
         scores = self.metric.compute()
