@@ -20,7 +20,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 run: setup
-	$(PY) scripts/demo.py
+	$(PY) scripts/main_job.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -23,7 +23,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoConfig, EomtConfig, EomtForUniversalSegmentation
+from transformers import AutoConfig, AutoImageProcessor, EomtConfig, EomtForUniversalSegmentation
 
 from ..metrics import MeanIoU
 from ..models.configuration_segmenter import SegmenterConfig
@@ -177,6 +177,32 @@ def evaluate_model(model, processor, samples, num_labels: int, accelerator: Acce
         "per_category_iou": [None if math.isnan(v) else float(v) for v in scores["per_category_iou"]],
         "num_images": int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum")),
     }
+
+
+def load_trained_model(folder):
+    """A saved model as the class its config names (ours or Transformers'), in eval mode. Not an Auto class: one
+    config type serves several of our models (semantic and universal SeNaTra)."""
+    import native_seg_hf
+
+    architectures = AutoConfig.from_pretrained(folder).architectures
+    if not architectures:
+        raise ValueError(f"{folder}/config.json names no architecture; save the model with save_pretrained")
+    model_class = getattr(native_seg_hf, architectures[0], None) or getattr(transformers, architectures[0])
+    return model_class.from_pretrained(folder).eval()
+
+
+def evaluate_saved(folder, dataset: str, split: str = "validation", image_column: str = "image",
+                   label_column: str = "label", max_samples: int | None = None, batch_size: int = 4) -> dict:
+    """Mean IoU of a saved model folder (model + processor) on a dataset split, in this process or under
+    `accelerate launch`."""
+    accelerator = Accelerator()
+    model = accelerator.prepare(load_trained_model(folder))
+    processor = AutoImageProcessor.from_pretrained(folder)
+    samples = eval_samples(load_split(dataset, split, [image_column, label_column]),
+                           SampleDecoder(image_column, label_column), accelerator.process_index,
+                           accelerator.num_processes, max_samples)
+    return evaluate_model(model, processor, samples, model.config.num_labels, accelerator, batch_size,
+                          processor.ignore_index)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
