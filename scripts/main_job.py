@@ -27,7 +27,7 @@ from PIL import Image
 from transformers import pipeline
 
 from native_seg_hf.training.hub import finish_run
-from native_seg_hf.training.loop import TrainingArguments, build_model, train
+from native_seg_hf.training.loop import TrainArguments, build_model, train
 from native_seg_hf.training.optim import create_optimizer
 from native_seg_hf.training.prepare import prepare, prepare_camvid_files
 from native_seg_hf.visualize import hierarchy_picture, semantic_overlay
@@ -49,7 +49,7 @@ def camvid_dataset() -> Path:
     return prepare_camvid_files({"train": pair, "validation": pair}, Path(tempfile.mkdtemp()) / "camvid")
 
 
-def steps_for_budget(args: TrainingArguments, minutes: float) -> int:
+def steps_for_budget(args: TrainArguments, minutes: float) -> int:
     """Optimizer steps that fit in `minutes` at the pace of this machine now: two timed steps on random data
     after a warm-up step (data decoding costs little beside them)."""
     model = build_model(args, {i: str(i) for i in range(11)})
@@ -77,7 +77,7 @@ def main():
     start = time.perf_counter()
 
     dataset = camvid_dataset()
-    args = TrainingArguments(
+    args = TrainArguments(
         dataset=str(dataset), output_dir=str(cli.out), model="senatra", preset="nano",
         crop_height=128, crop_width=160, base_short_side=180, eval_short_side=180,
         per_device_batch_size=8, learning_rate=1e-3, warmup_steps=10, logging_steps=5,

@@ -10,12 +10,14 @@ the same run with no sample skipped or repeated. --push_to_hub --hub_model_id NA
 processor, remote code and a model card. Every flag: --help. The logic lives in native_seg_hf.training.
 """
 
+from argparse import RawDescriptionHelpFormatter
+
 from transformers import HfArgumentParser
 
 from native_seg_hf.training.hub import finish_run
-from native_seg_hf.training.loop import TrainingArguments, train
+from native_seg_hf.training.loop import TrainArguments, train
 
 if __name__ == "__main__":
-    parser = HfArgumentParser(TrainingArguments, description=__doc__)
+    parser = HfArgumentParser(TrainArguments, description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     args = parser.parse_args_into_dataclasses()[0]
     finish_run(train(args), args)

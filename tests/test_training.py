@@ -22,7 +22,7 @@ from transformers import TrainingArguments as HfTrainingArguments
 import native_seg_hf as ns
 from native_seg_hf.training.data import Augmentation, load_id2label, load_split
 from native_seg_hf.training.hub import finish_run
-from native_seg_hf.training.loop import TrainingArguments, train
+from native_seg_hf.training.loop import TrainArguments, train
 from native_seg_hf.training.optim import create_optimizer, create_scheduler, layer_decay_groups
 from native_seg_hf.training.trainer import MeanIoUMetrics, preprocess_logits_for_metrics, trainer_transform
 from segmentation_datasets import ID2LABEL, camvid_dataset, synthetic_dataset, synthetic_rows
@@ -45,15 +45,15 @@ def tiny_config_folder(folder: Path, **kwargs) -> str:
     return str(folder)
 
 
-def run_args(tmp_path, dataset, **kwargs) -> TrainingArguments:
+def run_args(tmp_path, dataset, **kwargs) -> TrainArguments:
     if "config" not in kwargs:
         kwargs["config"] = tiny_config_folder(tmp_path / "config")
     defaults = dict(dataset=str(dataset), output_dir=str(tmp_path / "run"), crop_height=32, crop_width=64, per_device_batch_size=2, max_steps=3, learning_rate=1e-3,
                     max_eval_samples=4, logging_steps=1, shuffle_buffer=4)
-    return TrainingArguments(**{**defaults, **kwargs})
+    return TrainArguments(**{**defaults, **kwargs})
 
 
-def cli(args: TrainingArguments) -> list[str]:
+def cli(args: TrainArguments) -> list[str]:
     """The command-line flags that give `args`."""
     flags = []
     for key, value in asdict(args).items():
@@ -186,7 +186,7 @@ def test_kill_9_and_resume_continue_the_same_run(tmp_path):
     # 12 samples in batches of 2: a pass is 6 steps; the run goes into the second pass
     args = run_args(tmp_path, dataset, max_steps=9, save_steps=1, checkpoints_total_limit=3, sample_log=True,
                     crop_height=64, crop_width=96, eval_split="")
-    reference = train(TrainingArguments(**{**asdict(args), "output_dir": str(tmp_path / "reference"), "save_steps": 0}))
+    reference = train(TrainArguments(**{**asdict(args), "output_dir": str(tmp_path / "reference"), "save_steps": 0}))
     command = [sys.executable, str(ROOT / "scripts" / "train.py"), *cli(args)]
     run = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = Path(args.output_dir) / "checkpoints" / "step_4" / "trainer_state.json"

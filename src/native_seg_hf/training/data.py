@@ -170,7 +170,7 @@ class SampleDecoder:
             return None
         if self.augmentation is not None:
             image, label, instance = self.augmentation(image, label, instance, rng)
-        sample_id = record[self.id_column] if self.id_column else None
+        sample_id = record.get(self.id_column) if self.id_column else None
         return {"id": sample_id, "image": image, "label": label, "instance": instance}
 
 

@@ -47,7 +47,7 @@ QUERY_MODELS = ("senatra-universal", "eomt")
 
 
 @dataclass
-class TrainingArguments:
+class TrainArguments:
     """Everything a run depends on; `scripts/train.py` parses it from the command line and the model card records
     it."""
 
@@ -103,7 +103,7 @@ class TrainingArguments:
                                                               "samples_<rank>.jsonl"})
 
 
-def build_model(args: TrainingArguments, id2label: dict[int, str]):
+def build_model(args: TrainArguments, id2label: dict[int, str]):
     """The model to train: from `model_name_or_path`, from `config`, or from a SeNaTra preset."""
     if args.model not in MODELS:
         raise ValueError(f"--model must be one of {list(MODELS)}, got {args.model!r}")
@@ -124,7 +124,7 @@ def build_model(args: TrainingArguments, id2label: dict[int, str]):
     return model_class(config)
 
 
-def image_processor(model, args: TrainingArguments) -> SeNaTraImageProcessor:
+def image_processor(model, args: TrainArguments) -> SeNaTraImageProcessor:
     """The processor saved with the model: resizes the short side to the evaluation size (EoMT: the long side,
     padded to its fixed input size)."""
     side = args.eval_short_side or args.crop_height
@@ -136,7 +136,7 @@ def image_processor(model, args: TrainingArguments) -> SeNaTraImageProcessor:
     return SeNaTraImageProcessor.from_model_config(model.config, size={"shortest_edge": side})
 
 
-def targets_for(args: TrainingArguments) -> str:
+def targets_for(args: TrainArguments) -> str:
     if args.model not in QUERY_MODELS:
         return "labels"
     return "class_masks" if args.task == "semantic" else "instance_masks"
@@ -238,7 +238,7 @@ def resume(accelerator: Accelerator, stream: TrainStream, output_dir: Path, chec
     return step
 
 
-def train(args: TrainingArguments) -> dict:
+def train(args: TrainArguments) -> dict:
     """Train, evaluate and save; returns {"model", "processor", "metrics", "output_dir", "steps_per_second"}."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.gradient_accumulation_steps)
