@@ -206,16 +206,19 @@ class TrainStream:
         while True:
             self.dataset.set_epoch(self.epoch)
             records = iter(self.dataset)
-            for _ in range(self.position):  # replay to the saved position: raw records, nothing decoded
-                next(records)
-            usable = self.position > 0
-            for record in records:
-                rng = random.Random(hash((self.seed, self.rank, self.epoch, self.position)))
-                self.position += 1
-                sample = self.decoder(record, rng)
-                if sample is not None:
-                    usable = True
-                    yield sample
+            try:
+                for _ in range(self.position):  # replay to the saved position: raw records, nothing decoded
+                    next(records)
+                usable = self.position > 0
+                for record in records:
+                    rng = random.Random(hash((self.seed, self.rank, self.epoch, self.position)))
+                    self.position += 1
+                    sample = self.decoder(record, rng)
+                    if sample is not None:
+                        usable = True
+                        yield sample
+            finally:
+                records.close()  # stop the reader's threads now, not whenever the generator is collected
             if not usable:
                 raise ValueError(
                     f"the training data has no usable samples (process {self.rank}: a whole pass gave none, "
