@@ -113,6 +113,8 @@ def main():
                "steps": args.max_steps, "steps_per_second": result["steps_per_second"],
                "minutes": (time.perf_counter() - start) / 60, "dataset": str(dataset)}
     (cli.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dataset != CACHE / "camvid":
+        print("Trained and evaluated on the single bundled fixture image: the mIoU below means nothing")
     print(f"CamVid val mIoU {100 * metrics['mean_iou']:.1f} ({metrics['num_images']} images) after {args.max_steps} "
           f"steps; {summary['minutes']:.1f} min in all. Model: {folder}; pictures: {cli.out}/segmentation.png, "
           f"{cli.out}/hierarchy.png")
