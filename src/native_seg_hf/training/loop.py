@@ -284,7 +284,8 @@ def train(args: TrainArguments) -> dict:
     micro_batches = batches(stream, args.per_device_batch_size)
     progress = tqdm(total=args.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     model.train()
-    metrics, window_loss, window_images, window_start, run_start, start_step = {}, 0.0, 0, time.perf_counter(), time.perf_counter(), step
+    metrics, start_step, run_start = {}, step, time.perf_counter()
+    window_loss, window_images, window_start = 0.0, 0, run_start  # what the progress bar shows, every logging_steps
     while step < args.max_steps:
         step_ids = []
         for _ in range(args.gradient_accumulation_steps):
