@@ -22,7 +22,7 @@ from transformers import TrainingArguments as HfTrainingArguments
 import native_seg_hf as ns
 from native_seg_hf.training.data import Augmentation, load_id2label, load_split
 from native_seg_hf.training.hub import finish_run
-from native_seg_hf.training.loop import TrainArguments, train
+from native_seg_hf.training.loop import TrainArguments, evaluate_saved, train
 from native_seg_hf.training.optim import create_optimizer, create_scheduler, layer_decay_groups
 from native_seg_hf.training.trainer import MeanIoUMetrics, preprocess_logits_for_metrics, trainer_transform
 from segmentation_datasets import ID2LABEL, camvid_dataset, synthetic_dataset, synthetic_rows
@@ -126,6 +126,8 @@ def test_train_evaluate_save_and_publishable_folder(tmp_path):
     metrics = result["metrics"]
     assert 0 <= metrics["mean_iou"] <= 1 and metrics["num_images"] == 2 and metrics["skipped_samples"] == 0
     folder = Path(args.output_dir) / "model"
+    saved = evaluate_saved(folder, str(dataset))  # scripts/evaluate.py: the saved folder scores what training did
+    assert saved["mean_iou"] == pytest.approx(metrics["mean_iou"]) and saved["num_images"] == 2
     card = (folder / "README.md").read_text()
     assert f"| mean IoU | {100 * metrics['mean_iou']:.2f} |" in card
     assert "CC BY-NC 4.0" in card and '"crop_height": 64' in card and "| sky |" in card
