@@ -18,22 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor
+from transformers import AutoImageProcessor
 
-import native_seg_hf as ns
+from native_seg_hf.training.loop import load_trained_model
 from native_seg_hf.visualize import hierarchy_picture, segment_masks, segments_overlay, semantic_overlay
-
-
-def load_model(folder: Path):
-    """The class the folder's config names, from this package or Transformers. Not an Auto class: those pick a class
-    by config type, and one config type serves several of our models (semantic and universal SeNaTra)."""
-    architectures = AutoConfig.from_pretrained(folder).architectures
-    if not architectures:
-        raise ValueError(f"{folder}/config.json names no architecture; save the model with save_pretrained")
-    model_class = getattr(ns, architectures[0], None) or getattr(transformers, architectures[0])
-    return model_class.from_pretrained(folder).eval()
 
 
 def native_segments(model, pixel_values, outputs):
@@ -93,7 +82,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     processor = AutoImageProcessor.from_pretrained(args.model)
-    model = load_model(args.model)
+    model = load_trained_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     for path in args.images:
         report = segment_image(path, model, processor, args.out, args.threshold)
