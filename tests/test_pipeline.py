@@ -2,6 +2,7 @@
 models: masks of the image's size and labels from id2label. Also through remote code, without this package."""
 
 import glob
+import logging
 import os
 import textwrap
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import Dinov2Config, EomtConfig, EomtForUniversalSegmentation, pipeline
+from transformers.utils import logging as transformers_logging
 
 import native_seg_hf as ns
 
@@ -51,9 +53,44 @@ def check(results, image, scored: bool, disjoint: bool = True):
         assert covered.max() <= 1
 
 
+def labelled_pixels(results) -> dict:
+    """{label: boolean mask} of pipeline results."""
+    return {r["label"]: np.asarray(r["mask"]) > 0 for r in results}
+
+
+def check_default_call_is_semantic(segmenter, image):
+    """The pipeline's default call (no subtask: it asks for panoptic at threshold 0.9) on a semantic model answers
+    like subtask="semantic": the same classes on the same pixels, every pixel labelled."""
+    default, semantic = labelled_pixels(segmenter(image)), labelled_pixels(segmenter(image, subtask="semantic"))
+    assert sorted(default) == sorted(semantic)
+    for label, mask in semantic.items():
+        assert (default[label] == mask).all(), label
+    assert sum(m.astype(np.int64) for m in default.values()).min() == 1  # every pixel, once
+
+
+class PipelineLogs:
+    """Records what transformers' pipeline module logs (its logger does not propagate to pytest's caplog)."""
+
+    def __enter__(self):
+        self.records = []
+        self.logger = transformers_logging.get_logger("transformers.pipelines.base")
+        self.handler = logging.Handler()
+        self.handler.emit = self.records.append
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+    def messages(self) -> str:
+        return "\n".join(record.getMessage() for record in self.records)
+
+
 def test_senatra_semantic_model(tmp_path):
     folder = save(ns.SeNaTraForSemanticSegmentation(ns.SeNaTraConfig(**TINY, **LABELS)), tmp_path)
-    segmenter = pipeline("image-segmentation", model=folder)
+    with PipelineLogs() as logs:
+        segmenter = pipeline("image-segmentation", model=folder)
+    assert "not supported" not in logs.messages()
     assert type(segmenter.model) is ns.SeNaTraForSemanticSegmentation
     assert type(segmenter.image_processor) is ns.SeNaTraImageProcessor
     for image in photos():
@@ -61,8 +98,12 @@ def test_senatra_semantic_model(tmp_path):
         check(semantic, image, scored=False)
         covered = sum(np.asarray(r["mask"], dtype=np.int64) // 255 for r in semantic)
         assert (covered == 1).all()  # every pixel has a class
-        # Without a subtask the pipeline asks for panoptic: one scored segment per class for a semantic model.
-        check(segmenter(image, threshold=0.0), image, scored=True)
+        check_default_call_is_semantic(segmenter, image)
+        # Panoptic on a semantic model: one scored segment per class whatever the threshold (nothing to filter).
+        check(segmenter(image, subtask="panoptic", threshold=0.999), image, scored=True)
+        assert sorted(labelled_pixels(segmenter(image, subtask="panoptic", threshold=0.999))) == sorted(
+            labelled_pixels(semantic)
+        )
         with pytest.raises(ValueError, match="needs query predictions"):
             segmenter(image, subtask="instance")
 
@@ -71,10 +112,13 @@ def test_senatra_semantic_model(tmp_path):
 def test_segmenter_model(tmp_path):
     backbone = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32)
     model = ns.SegmenterForSemanticSegmentation(ns.SegmenterConfig(backbone_config=backbone, **LABELS))
-    segmenter = pipeline("image-segmentation", model=save(model, tmp_path))
+    with PipelineLogs() as logs:
+        segmenter = pipeline("image-segmentation", model=save(model, tmp_path))
+    assert "not supported" not in logs.messages()
     assert type(segmenter.model) is ns.SegmenterForSemanticSegmentation
     for image in photos():
         check(segmenter(image, subtask="semantic"), image, scored=False)
+        check_default_call_is_semantic(segmenter, image)
 
 
 def universal_subtasks(segmenter):
@@ -82,12 +126,19 @@ def universal_subtasks(segmenter):
         check(segmenter(image, subtask="panoptic", threshold=0.0), image, scored=True)
         check(segmenter(image, subtask="instance", threshold=0.0), image, scored=True, disjoint=False)
         check(segmenter(image, subtask="semantic"), image, scored=False)
+        # The default call of a query model is panoptic post-processing with the pipeline's default thresholds.
+        for threshold in ({}, {"threshold": 0.0}):
+            default, panoptic = segmenter(image, **threshold), segmenter(image, subtask="panoptic", **threshold)
+            assert [(r["label"], r["score"]) for r in default] == [(r["label"], r["score"]) for r in panoptic]
+            assert all((np.asarray(a["mask"]) == np.asarray(b["mask"])).all() for a, b in zip(default, panoptic))
 
 
 @pytest.mark.skipif(not hasattr(ns, "SeNaTraForUniversalSegmentation"), reason="SeNaTraForUniversalSegmentation is not in native_seg_hf")
 def test_senatra_universal_model(tmp_path):
     model = ns.SeNaTraForUniversalSegmentation(ns.SeNaTraConfig(**TINY, **LABELS, num_queries=8, num_blocks=1))
-    segmenter = pipeline("image-segmentation", model=save(model, tmp_path))
+    with PipelineLogs() as logs:
+        segmenter = pipeline("image-segmentation", model=save(model, tmp_path))
+    assert "not supported" not in logs.messages()
     assert type(segmenter.model) is ns.SeNaTraForUniversalSegmentation
     universal_subtasks(segmenter)
 

@@ -14,10 +14,14 @@ from transformers import (
     AutoModelForImageSegmentation,
     AutoModelForSemanticSegmentation,
     AutoModelForUniversalSegmentation,
+    AutoProcessor,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES
 
 from .models.configuration_segmenter import SegmenterConfig
 from .models.configuration_senatra import SENATRA_PRESETS, SeNaTraConfig
+from .models.configuration_senatra_zero_shot import SeNaTraZeroShotConfig
 from .models.image_processing_senatra import SeNaTraImageProcessor
 from .models.modeling_segmenter import SegmenterForSemanticSegmentation, SegmenterPreTrainedModel
 from .models.modeling_senatra import (
@@ -29,6 +33,9 @@ from .models.modeling_senatra import (
     SeNaTraModelOutput,
     SeNaTraPreTrainedModel,
 )
+from .models.modeling_senatra_zero_shot import SeNaTraForZeroShotSegmentation
+from .models.pipeline_zero_shot_image_segmentation import PIPELINE_TASK, ZeroShotImageSegmentationPipeline
+from .models.processing_senatra_zero_shot import SeNaTraZeroShotProcessor
 from .training import MaskAnnealingCallback, set_mask_annealing
 
 __version__ = "0.1.0"
@@ -59,10 +66,27 @@ _register(
     SegmenterConfig,
     {AutoModel: SegmenterForSemanticSegmentation, AutoModelForSemanticSegmentation: SegmenterForSemanticSegmentation},
 )
+# pipeline("image-segmentation") checks a model's class name against transformers' own name tables (merged by model
+# type), not against the classes registered above, and otherwise logs "not supported for image-segmentation" for
+# every pipeline it builds. The tables also back the lazy Auto mappings, but those only read entries of model types in transformers'
+# config table, which ours are not: these entries serve the pipeline's check alone.
+MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES[SeNaTraConfig.model_type] = (
+    SeNaTraForSemanticSegmentation.__name__,
+    SeNaTraForUniversalSegmentation.__name__,
+)
+MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES[SegmenterConfig.model_type] = (SegmenterForSemanticSegmentation.__name__,)
 # One processor for both model types; PIL/numpy only, as torchvision may be absent.
 for _config_class in (SeNaTraConfig, SegmenterConfig):
     AutoImageProcessor.register(_config_class, image_processor_classes={"pil": SeNaTraImageProcessor}, exist_ok=True)
 SeNaTraImageProcessor.register_for_auto_class()
+# Zero-shot segmentation: the dual encoder, its processor (image processor + tokenizer) and its pipeline task.
+_register(SeNaTraZeroShotConfig, {AutoModel: SeNaTraForZeroShotSegmentation})
+AutoImageProcessor.register(SeNaTraZeroShotConfig, image_processor_classes={"pil": SeNaTraImageProcessor}, exist_ok=True)
+AutoProcessor.register(SeNaTraZeroShotConfig, SeNaTraZeroShotProcessor, exist_ok=True)
+SeNaTraZeroShotProcessor.register_for_auto_class()
+PIPELINE_REGISTRY.register_pipeline(
+    PIPELINE_TASK, pipeline_class=ZeroShotImageSegmentationPipeline, pt_model=AutoModel, type="multimodal"
+)
 
 __all__ = [
     "SENATRA_PRESETS",
@@ -80,4 +104,8 @@ __all__ = [
     "SegmenterConfig",
     "SegmenterPreTrainedModel",
     "SegmenterForSemanticSegmentation",
+    "SeNaTraZeroShotConfig",
+    "SeNaTraForZeroShotSegmentation",
+    "SeNaTraZeroShotProcessor",
+    "ZeroShotImageSegmentationPipeline",
 ]

@@ -592,14 +592,17 @@ class SeNaTraImageProcessor(PilBackend):
         `self.stuff_classes`; pass `[]` to keep them apart) join one segment per class, scored by its best query.
 
         Semantic logits (models without queries): one segment per class present in the argmax map, scored by the mean
-        probability of that class over it, kept if the score exceeds `threshold`; the thresholds on masks do not apply.
+        probability of that class over it. Every segment is kept, so every pixel has its class as in semantic
+        post-processing: a semantic model makes no detections to filter, and dropping classes under `threshold` would
+        leave holes (`pipeline` asks for panoptic with threshold 0.9 when no subtask is given). `threshold` and the
+        thresholds on masks do not apply; filter on the scores if needed.
 
         Returns, per image, `{"segmentation": (H, W) int64 segment ids, -1 = no segment, "segments_info": [{"id",
         "label_id", "score"}]}`, segments in decreasing score order.
         """
         predictions = _query_predictions(outputs)
         if predictions is None:
-            return self._panoptic_from_semantic_logits(semantic_logits(outputs), target_sizes, threshold)
+            return self._panoptic_from_semantic_logits(semantic_logits(outputs), target_sizes)
         class_logits, mask_logits = predictions
         stuff = set(self.stuff_classes or ()) if stuff_classes is None else set(stuff_classes)
         no_object = class_logits.shape[-1] - 1
@@ -644,7 +647,7 @@ class SeNaTraImageProcessor(PilBackend):
             segments.append({"id": len(segments), "label_id": label, "score": round(float(scores[k]), 6)})
         return segment_of_query[final_owner], segments
 
-    def _panoptic_from_semantic_logits(self, logits, target_sizes, threshold) -> list[dict]:
+    def _panoptic_from_semantic_logits(self, logits, target_sizes) -> list[dict]:
         results = []
         for i, image in enumerate(self._geometry_of(target_sizes, logits)):
             confidence, classes = image.to_original(logits[i : i + 1])[0].softmax(0).max(0)
@@ -652,9 +655,7 @@ class SeNaTraImageProcessor(PilBackend):
             found = []
             for label in classes.unique().tolist():
                 region = classes == label
-                score = float(confidence[region].mean())
-                if score > threshold:
-                    found.append((score, label, region))
+                found.append((float(confidence[region].mean()), label, region))
             found.sort(key=lambda item: -item[0])
             for segment_id, (_, _, region) in enumerate(found):
                 segmentation[region] = segment_id
