@@ -16,8 +16,8 @@ from transformers import (
     AutoModelForUniversalSegmentation,
     AutoProcessor,
 )
-from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .models.configuration_segmenter import SegmenterConfig
 from .models.configuration_senatra import SENATRA_PRESETS, SeNaTraConfig
