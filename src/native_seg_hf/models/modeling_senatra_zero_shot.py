@@ -13,6 +13,7 @@ This file imports only siblings (single-dot) and installed packages, so Transfor
 as remote code, together with the pipeline module that `save_pretrained` announces in the config.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,10 @@ from .configuration_senatra import SeNaTraConfig
 from .configuration_senatra_zero_shot import SeNaTraZeroShotConfig
 from .modeling_senatra import SeNaTraModel
 from .pipeline_zero_shot_image_segmentation import PIPELINE_TASK, ZeroShotImageSegmentationPipeline
+
+
+# Upper bound of the contrastive temperature's inverse (CLIP's and GroupViT's 100): beyond it training can diverge.
+MAX_LOGIT_SCALE = math.log(100.0)
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -182,6 +187,10 @@ class SeNaTraForZeroShotSegmentation(SeNaTraZeroShotPreTrainedModel):
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def temperature_scale(self) -> torch.Tensor:
+        """exp(logit_scale), capped at 100 as in CLIP and GroupViT."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
     # ---- the two towers ----
 
     def pool_text(self, text_outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -250,7 +259,7 @@ class SeNaTraForZeroShotSegmentation(SeNaTraZeroShotPreTrainedModel):
         """
         group_embeds, image_embeds, assignments = self.encode_image(pixel_values)
         text_embeds = self.encode_text(input_ids, attention_mask, token_type_ids)
-        scale = self.logit_scale.exp()
+        scale = self.temperature_scale()
         logits_per_text = scale * text_embeds @ image_embeds.t()
         loss = None
         if return_loss:
@@ -301,7 +310,7 @@ class SeNaTraForZeroShotSegmentation(SeNaTraZeroShotPreTrainedModel):
         stride 4 through the assignments (linear, so it equals carrying the group embeddings and comparing at
         stride 4, but costs num_labels channels instead of projection_dim)."""
         group_embeds, image_embeds, assignments = self.encode_image(pixel_values)
-        scale = self.logit_scale.exp()
+        scale = self.temperature_scale()
         group_logits = scale * torch.einsum("bdhw,ld->blhw", group_embeds, label_embeds)
         logits = self.vision_model.upsample_to_stage(
             group_logits, assignments, source_stage=self.config.vision_config.num_stages, target_stage=1
