@@ -1,6 +1,10 @@
 """SeNaTra model configuration."""
 
+import math
+from numbers import Integral, Real
+
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneConfigMixin
 
 # Named sizes. Tiny/Base/Large follow the brief (NAT-T/B and DiNAT-L widths, which match the paper's
@@ -18,6 +22,27 @@ SENATRA_PRESETS = {
 }
 
 GROUPING_TYPES = ("local", "dense", "none")
+
+
+def int_list(name: str, value) -> list[int]:
+    """`value` as a list of positive ints, or a ValueError naming the field `name`."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of positive integers (one per stage), got {value!r}")
+    if not all(isinstance(v, Integral) and not isinstance(v, bool) and v >= 1 for v in value):
+        raise ValueError(f"{name} must be a list of positive integers (one per stage), got {list(value)}")
+    return [int(v) for v in value]
+
+
+def check_number(name: str, value, low: float, high: float = math.inf, integer: bool = False,
+                 low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+    """Raise a ValueError naming the field `name` unless `value` is a finite number (an int if `integer`) within
+    [low, high] (bounds exclusive where asked)."""
+    kind = Integral if integer else Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if low_inclusive else value > low) and (value <= high if high_inclusive else value < high)
+    if not ok:
+        lo, hi = "[" if low_inclusive else "(", "]" if high_inclusive else ")"
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} in {lo}{low}, {high}{hi}, got {value!r}")
 
 
 class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
@@ -44,6 +69,15 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         grouping_iterations (`int`, defaults to 3): refinement rounds of each grouping layer.
         grouping_bias_radius (`int`, defaults to 16): relative offsets (in input tokens) beyond which a dense
             grouping layer's relative position bias is shared (local layers never reach it).
+        grouping_parent_bias (`float`, defaults to 5.0): initial relative position bias of each input token
+            towards its parent cell's output token (0 elsewhere). At 0 a fresh layer assigns every token almost
+            uniformly to all its candidates (a dense layer to the whole image), so the native head starts by
+            averaging logits over the image and cannot learn; at 5 it starts as plain strided downsampling (95%
+            on the parent in local layers) and learns where to move from there.
+        grouping_logit_scale (`float`, *optional*, defaults to 10.0): the assignment logits are the cosine
+            similarity of queries and keys times a learnable per-layer scale initialised to this value (the
+            inverse temperature). `None` uses the scaled dot product `q.k / sqrt(d)` instead, whose logits start
+            near 0 and grow only as fast as the projection weights do.
         drop_path_rate (`float`, defaults to 0.2): stochastic depth rate, increased linearly over the blocks.
         layer_scale_init_value (`float`, defaults to 0.0): initial layer-scale; 0 disables layer scale.
         hidden_act (`str`, defaults to `"gelu"`): activation of the MLPs.
@@ -81,6 +115,8 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         grouping_types=("local", "local", "dense"),
         grouping_iterations=3,
         grouping_bias_radius=16,
+        grouping_parent_bias=5.0,
+        grouping_logit_scale=10.0,
         drop_path_rate=0.2,
         layer_scale_init_value=0.0,
         hidden_act="gelu",
@@ -103,15 +139,20 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
     ):
         self.num_channels = num_channels
         self.patch_size = patch_size
-        self.hidden_sizes = list(hidden_sizes)
-        self.depths = list(depths)
-        self.num_heads = list(num_heads)
+        # Checked before list() so that a string such as "wide" is refused, not split into characters.
+        self.hidden_sizes = int_list("hidden_sizes", hidden_sizes)
+        self.depths = int_list("depths", depths)
+        self.num_heads = int_list("num_heads", num_heads)
         self.mlp_ratio = mlp_ratio
         self.attention_kernel_size = attention_kernel_size
         self.rope_theta = rope_theta
+        if isinstance(grouping_types, str) or not isinstance(grouping_types, (list, tuple)):
+            raise ValueError(f"grouping_types must be a list of {GROUPING_TYPES}, got {grouping_types!r}")
         self.grouping_types = list(grouping_types)
         self.grouping_iterations = grouping_iterations
         self.grouping_bias_radius = grouping_bias_radius
+        self.grouping_parent_bias = grouping_parent_bias
+        self.grouping_logit_scale = grouping_logit_scale
         self.drop_path_rate = drop_path_rate
         self.layer_scale_init_value = layer_scale_init_value
         self.hidden_act = hidden_act
@@ -167,12 +208,32 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
                     f"hidden size {width} with {heads} heads: the head width must be an integer multiple of 4 "
                     "(2D rotary embedding)"
                 )
-        if self.attention_kernel_size < 1 or self.attention_kernel_size % 2 == 0:
+        check_number("attention_kernel_size", self.attention_kernel_size, 1, integer=True)
+        if self.attention_kernel_size % 2 == 0:
             raise ValueError(f"attention_kernel_size must be odd and positive, got {self.attention_kernel_size}")
-        if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
+        check_number("patch_size", self.patch_size, 2, integer=True)
+        if self.patch_size & (self.patch_size - 1):
             raise ValueError(f"patch_size must be a power of two >= 2, got {self.patch_size}")
-        if self.grouping_iterations < 1:
-            raise ValueError(f"grouping_iterations must be >= 1, got {self.grouping_iterations}")
+        # Every other field: its type and range, so that a bad value fails here, naming the field, rather than
+        # as an unrelated error deep in the model (or, worse, as a model that builds and computes nonsense).
+        for name in ("num_channels", "grouping_iterations", "head_hidden_size", "num_queries", "num_blocks",
+                     "train_num_points"):
+            check_number(name, getattr(self, name), 1, integer=True)
+        check_number("grouping_bias_radius", self.grouping_bias_radius, 0, integer=True)
+        check_number("semantic_loss_ignore_index", self.semantic_loss_ignore_index, -math.inf, integer=True)
+        for name in ("mlp_ratio", "rope_theta", "layer_norm_eps"):
+            check_number(name, getattr(self, name), 0, low_inclusive=False)
+        for name in ("layer_scale_init_value", "initializer_range", "class_weight", "mask_weight", "dice_weight",
+                     "no_object_weight"):
+            check_number(name, getattr(self, name), 0)
+        check_number("drop_path_rate", self.drop_path_rate, 0, 1, high_inclusive=False)
+        check_number("oversample_ratio", self.oversample_ratio, 1)  # Mask2Former samples at least num_points
+        check_number("importance_sample_ratio", self.importance_sample_ratio, 0, 1)
+        if not callable(self.hidden_act) and self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act must be one of transformers' activations (ACT2FN), got {self.hidden_act!r}")
+        check_number("grouping_parent_bias", self.grouping_parent_bias, -math.inf)
+        if self.grouping_logit_scale is not None:
+            check_number("grouping_logit_scale", self.grouping_logit_scale, 0, low_inclusive=False)
 
 
 __all__ = ["SeNaTraConfig", "SENATRA_PRESETS"]

@@ -12,6 +12,8 @@ Layout conventions (channels last everywhere):
 Rows of every assignment sum to 1 (`A_ups`, "upsampling"); dividing by the column sums gives `A_down`.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -83,6 +85,32 @@ def dense_relative_offsets(height: int, width: int, device=None) -> torch.Tensor
     dy = yi.reshape(-1, 1) - 2 * yo.reshape(1, -1)
     dx = xi.reshape(-1, 1) - 2 * xo.reshape(1, -1)
     return torch.stack([dy, dx], dim=-1)
+
+
+def relative_bias_index(offsets: torch.Tensor, radius: int) -> torch.Tensor:
+    """Index into a flattened (2r+2) x (2r+2) relative-bias table for (..., 2) offsets, clipped to [-r, r + 1]."""
+    offsets = offsets.clamp(-radius, radius + 1) + radius
+    return offsets[..., 0] * (2 * radius + 2) + offsets[..., 1]
+
+
+def dense_bias_index(height: int, width: int, radius: int, device=None) -> torch.Tensor:
+    """`relative_bias_index` of `dense_relative_offsets`: (H*W, H/2*W/2), cached per grid size and device.
+
+    Built once per size instead of at every forward: the int64 offset table it comes from is N_in x N_out x 2
+    (about 256 MiB for a 1024x2048 image's stride-16 grid). Kept as int32 (half the memory; the table it indexes
+    is tiny). Not cached while torch.compile or torch.export trace, whose tensors are fake.
+    """
+    if torch.compiler.is_compiling():
+        return relative_bias_index(dense_relative_offsets(height, width, device), radius).to(torch.int32)
+    return _cached_dense_bias_index(height, width, radius, torch.device(device) if device is not None else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_dense_bias_index(height: int, width: int, radius: int, device) -> torch.Tensor:
+    # A normal tensor even when first asked for under inference_mode: a training forward later saves it for
+    # backward, which an inference tensor refuses.
+    with torch.inference_mode(False):
+        return relative_bias_index(dense_relative_offsets(height, width, device), radius).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,17 +22,25 @@ from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutputWithNoAttention, SemanticSegmenterOutput
-from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+from scipy.optimize import linear_sum_assignment
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerHungarianMatcher,
+    Mask2FormerLoss,
+    pair_wise_dice_loss,
+    pair_wise_sigmoid_cross_entropy_loss,
+    sample_point,
+)
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_senatra import SeNaTraConfig
 from .grouping import (
+    dense_bias_index,
     dense_grouping_step,
-    dense_relative_offsets,
     hard_segments,
     local_grouping_step,
     local_relative_offsets,
     parent_assignment,
+    relative_bias_index,
     upsample_through,
 )
 from .neighborhood_attention import neighborhood_attention
@@ -265,19 +273,38 @@ class SeNaTraGroupingLayer(nn.Module):
         self.query = nn.Linear(out_dim, out_dim)
         self.mlp_norm = nn.LayerNorm(out_dim, eps=config.layer_norm_eps)
         self.mlp = SeNaTraMlp(config, out_dim)
+        # Assignment logits: cosine similarity times a learnable inverse temperature (kept as its log, so it
+        # stays positive), or, with `grouping_logit_scale=None`, the scaled dot product.
+        self.cosine = config.grouping_logit_scale is not None
         self.scale = out_dim**-0.5
+        self.log_logit_scale = nn.Parameter(torch.zeros(())) if self.cosine else None
         # Learned bias per relative offset (input token vs. output cell origin, in input tokens), offsets
         # clipped to [-radius, radius + 1]. Local offsets always lie in [-2, 3], so radius 2 is exact there.
         self.bias_radius = 2 if kind == "local" else config.grouping_bias_radius
         self.relative_bias = nn.Parameter(torch.zeros((2 * self.bias_radius + 2) ** 2))
 
+    def parent_bias_init(self, value: float) -> torch.Tensor:
+        """The relative bias table that puts `value` on the parent cell (offsets 0 and 1 on both axes), 0 elsewhere."""
+        side = 2 * self.bias_radius + 2
+        table = torch.zeros(side, side)
+        table[self.bias_radius : self.bias_radius + 2, self.bias_radius : self.bias_radius + 2] = value
+        return table.flatten()
+
+    def project_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        return F.normalize(keys, dim=-1) if self.cosine else keys
+
+    def project_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """Queries multiplied by the temperature, as the grouping step expects them."""
+        if self.cosine:
+            return F.normalize(queries, dim=-1) * self.log_logit_scale.exp()
+        return queries * self.scale
+
     def position_bias(self, height: int, width: int) -> torch.Tensor:
         """(4, 9) for local layers, (H*W, H/2*W/2) for dense ones."""
         device = self.relative_bias.device
-        offsets = local_relative_offsets(device) if self.kind == "local" else dense_relative_offsets(height, width, device)
-        r = self.bias_radius
-        offsets = offsets.clamp(-r, r + 1) + r
-        return self.relative_bias[offsets[..., 0] * (2 * r + 2) + offsets[..., 1]]
+        if self.kind == "local":
+            return self.relative_bias[relative_bias_index(local_relative_offsets(device), self.bias_radius)]
+        return self.relative_bias[dense_bias_index(height, width, self.bias_radius, device)]
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, W, C) -> output tokens (B, H/2, W/2, D) and the assignment of the last iteration."""
@@ -286,11 +313,11 @@ class SeNaTraGroupingLayer(nn.Module):
         if self.kind == "none":
             return out, parent_assignment(b, height, width, out.device, out.dtype)
         tokens = self.input_norm(hidden_states)
-        keys, values = self.key(tokens), self.value(tokens)
+        keys, values = self.project_keys(self.key(tokens)), self.value(tokens)
         bias = self.position_bias(height, width)
         step = local_grouping_step if self.kind == "local" else dense_grouping_step
         for _ in range(self.iterations):
-            queries = self.query(self.query_norm(out)) * self.scale
+            queries = self.project_queries(self.query(self.query_norm(out)))
             update, assignment = step(keys, values, queries, bias)
             out = out + update
             out = out + self.mlp(self.mlp_norm(out))
@@ -322,7 +349,9 @@ class SeNaTraStage(nn.Module):
 class SeNaTraEncoder(nn.Module):
     def __init__(self, config: SeNaTraConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        # On the CPU whatever the default device: the rates are Python floats, and under `torch.device("meta")`
+        # (accelerate's init_empty_weights, big-model loading) a meta tensor has no values to read.
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
         bounds = [sum(config.depths[:i]) for i in range(config.num_stages + 1)]
         self.stages = nn.ModuleList(
             SeNaTraStage(config, i, rates[bounds[i] : bounds[i + 1]]) for i in range(config.num_stages)
@@ -386,7 +415,9 @@ class SeNaTraPreTrainedModel(PreTrainedModel):
             init.constant_(module.attention_scale, self.config.layer_scale_init_value)
             init.constant_(module.mlp_scale, self.config.layer_scale_init_value)
         elif isinstance(module, SeNaTraGroupingLayer) and module.kind != "none":
-            init.zeros_(module.relative_bias)
+            init.copy_(module.relative_bias, module.parent_bias_init(self.config.grouping_parent_bias))
+            if module.cosine:
+                init.constant_(module.log_logit_scale, math.log(self.config.grouping_logit_scale))
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=1.0)  # EoMT's query initialisation
         elif isinstance(module, Mask2FormerLoss):
@@ -406,16 +437,22 @@ class SeNaTraPreTrainedModel(PreTrainedModel):
         if cls.__name__ in TASK_MODELS and not change_head:
             config = kwargs.get("config")
             if not isinstance(config, SeNaTraConfig):
+                # Read only to check the architecture, and not passed on: `super().from_pretrained` loads the
+                # config itself and applies config kwargs (`num_labels`, `id2label`, ...) to it; with an explicit
+                # `config=` they would go to the model's __init__ instead and fail.
                 hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
                 config = SeNaTraConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-                kwargs["config"] = config
             saved_as = [name for name in config.architectures or [] if name in TASK_MODELS]
             if saved_as and cls.__name__ not in saved_as:
                 raise ValueError(
                     f"{pretrained_model_name_or_path} holds a {saved_as[0]}, not a {cls.__name__}; load it as "
                     f"{saved_as[0]}, or pass change_head=True to keep its backbone and start a new head"
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
+        if isinstance(model, SeNaTraForUniversalSegmentation):
+            model.keep_attn_mask_probs_reference()  # loading replaced the buffer object
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._remote_auto_map}
@@ -611,6 +648,72 @@ def check_mask_labels(mask_labels, class_labels, batch_size: int, num_labels: in
             raise ValueError(f"image {i}: class_labels must lie in [0, {num_labels}), got {classes.tolist()}")
 
 
+def global_num_masks(class_labels, device) -> torch.Tensor:
+    """The number of target masks per process that normalises the mask and dice losses: the sum over every
+    process divided by their number (EoMT's rule), at least 1. With DDP averaging the gradients of W processes,
+    the mask losses then equal those of one process on the whole global batch."""
+    num_masks = torch.tensor(float(sum(len(classes) for classes in class_labels)), device=device)
+    world_size = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(num_masks)
+        world_size = torch.distributed.get_world_size()
+    return torch.clamp(num_masks / world_size, min=1)
+
+
+class SeNaTraHungarianMatcher(Mask2FormerHungarianMatcher):
+    """Mask2Former's Hungarian matcher (class, sigmoid-BCE and dice costs on `num_points` random points shared by
+    the predictions and targets of an image), computed in float32 whatever the autocast (in bf16 the costs of
+    close candidates round to ties and the matching turns arbitrary), with non-finite costs made finite and worse
+    than every finite one: Transformers' matcher puts the dtype's maximum there, whose sums overflow in scipy
+    and fail the matching as "infeasible"."""
+
+    def sample_coordinates(self, device) -> torch.Tensor:
+        """(1, num_points, 2) random points in [0, 1]^2 at which one image's masks are compared."""
+        return torch.rand(1, self.num_points, 2, device=device)
+
+    @torch.no_grad()
+    def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
+        indices = []
+        with torch.autocast(masks_queries_logits.device.type, enabled=False):
+            for masks, logits, targets, classes in zip(masks_queries_logits, class_queries_logits, mask_labels,
+                                                       class_labels):
+                cost_class = -logits.float().softmax(-1)[:, classes]
+                points = self.sample_coordinates(masks.device)
+                pred = sample_point(masks.float()[:, None], points.repeat(masks.shape[0], 1, 1), align_corners=False)
+                target = sample_point(targets.float()[:, None], points.repeat(targets.shape[0], 1, 1), align_corners=False)
+                pred, target = pred.squeeze(1), target.squeeze(1)
+                cost = (
+                    self.cost_mask * pair_wise_sigmoid_cross_entropy_loss(pred, target)
+                    + self.cost_class * cost_class
+                    + self.cost_dice * pair_wise_dice_loss(pred, target)
+                )
+                finite = torch.isfinite(cost)
+                if not finite.all():
+                    worst = cost[finite].abs().max() if finite.any() else cost.new_zeros(())
+                    cost = torch.where(finite, cost, 2 * worst + 1e4)
+                rows, cols = linear_sum_assignment(cost.cpu().numpy())
+                indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+
+class SeNaTraLoss(Mask2FormerLoss):
+    """Transformers' `Mask2FormerLoss` (Hungarian matching, weighted class cross-entropy with a no-object class,
+    point-sampled sigmoid-BCE and dice mask losses) with the float32 matcher above and the number of masks taken
+    as `global_num_masks`: Transformers' `get_num_masks` averages over processes with Accelerate's `reduce` and
+    then divides by the number of processes again, so on W processes its mask and dice losses come out W times
+    too large against the class loss (transformers issue 26844)."""
+
+    def __init__(self, config, weight_dict: dict[str, float]):
+        super().__init__(config=config, weight_dict=weight_dict)
+        self.matcher = SeNaTraHungarianMatcher(
+            cost_class=config.class_weight, cost_mask=config.mask_weight, cost_dice=config.dice_weight,
+            num_points=config.train_num_points,
+        )
+
+    def get_num_masks(self, class_labels, device) -> torch.Tensor:
+        return global_num_masks(class_labels, device)
+
+
 class SeNaTraForUniversalSegmentation(SeNaTraPreTrainedModel):
     """EoMT-style encoder-only mask transformer on the grouping backbone (semantic, instance and panoptic).
 
@@ -651,9 +754,36 @@ class SeNaTraForUniversalSegmentation(SeNaTraPreTrainedModel):
             "loss_mask": config.mask_weight,
             "loss_dice": config.dice_weight,
         }
-        self.criterion = Mask2FormerLoss(config=config, weight_dict=self.weight_dict)
+        self.criterion = SeNaTraLoss(config=config, weight_dict=self.weight_dict)
         self.attn_mask_probs = nn.Buffer(torch.ones(self.num_blocks))
         self.post_init()
+        self.keep_attn_mask_probs_reference()
+
+    def keep_attn_mask_probs_reference(self) -> None:
+        """Keep a plain reference to the `attn_mask_probs` buffer for the export check: while torch.export traces,
+        the module's buffers are fake tensors without values, but this reference still reads the real one. Called
+        wherever the buffer object can be replaced (construction, `.to()`/`_apply`, loading, each eager forward);
+        in-place updates (annealing, `zero_()`) show through it."""
+        self.__dict__["_attn_mask_probs_reference"] = self.attn_mask_probs
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self.keep_attn_mask_probs_reference()
+        return module
+
+    def check_exportable(self) -> None:
+        """Refuse to export while masked attention is on: the exported graph is the unmasked inference model, which
+        differs from this model's eager outputs until annealing has set every probability to 0."""
+        probs = self.__dict__.get("_attn_mask_probs_reference")
+        if probs is None or probs.is_meta or probs.shape != self.attn_mask_probs.shape:
+            raise ValueError("attn_mask_probs cannot be read while exporting: run the model once in eager mode first")
+        values = probs.tolist()
+        if max(values) > 0:
+            raise ValueError(
+                f"torch.export of SeNaTraForUniversalSegmentation needs finished mask annealing (attn_mask_probs all "
+                f"0), got {values}: the exported graph has no masked attention and would not compute what this "
+                "model does; finish annealing (MaskAnnealingCallback, set_mask_annealing) or zero the buffer first"
+            )
 
     def predict(self, tokens: torch.Tensor, queries: torch.Tensor):
         """Class logits (B, K, C+1) and final-stage mask logits (B, K, h, w) from tokens and queries."""
@@ -681,10 +811,13 @@ class SeNaTraForUniversalSegmentation(SeNaTraPreTrainedModel):
     def block_is_masked(self, block: int) -> bool:
         """Whether query block `block` predicts and masks: always in training; in eval while its probability
         is above 0. Exporting traces the annealed inference model (probabilities 0), which has no
-        data-dependent branch."""
+        data-dependent branch, and refuses a model whose annealing has not finished (`check_exportable`)."""
         if self.training:
             return True
-        return not torch.compiler.is_exporting() and bool(self.attn_mask_probs[block] > 0)
+        if torch.compiler.is_exporting():
+            self.check_exportable()
+            return False
+        return bool(self.attn_mask_probs[block] > 0)
 
     @can_return_tuple
     def forward(
@@ -703,6 +836,8 @@ class SeNaTraForUniversalSegmentation(SeNaTraPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         check_pixel_values(pixel_values, self.config.num_channels, self.config.input_size_divisor)
+        if not torch.compiler.is_compiling():
+            self.keep_attn_mask_probs_reference()
         backbone = self.senatra
         embeddings = backbone.embeddings(pixel_values)
         tokens, stage_outputs, assignments = backbone.encoder(embeddings, stop_before_last=self.num_blocks)
