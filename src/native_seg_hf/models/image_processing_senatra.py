@@ -22,6 +22,7 @@ Two kinds of outputs are understood:
 This file imports only installed packages, so Transformers can copy it next to the weights as remote code.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -117,20 +118,63 @@ class ImageGeometry:
     content: tuple[int, int]  # after resizing; the top-left corner of the padded input
     padded: tuple[int, int]  # the batch tensor
 
-    def to_original(self, maps: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    def to_original(
+        self,
+        maps: torch.Tensor,
+        mode: str = "bilinear",
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """Sample maps (N, C, h, w) that cover the padded input at any resolution onto the original pixel grid,
-        giving (N, C, H, W) in float32: the padding is cropped and the resizing undone in a single resampling."""
+        giving (N, C, H, W) in float32: the padding is cropped and the resizing undone in a single resampling.
+        `rows` and `cols`, (start, stop) ranges of original pixels, sample only that window of the grid (the same
+        values as the whole grid has there), so large images can be processed in bands."""
         (height, width), (content_h, content_w), (padded_h, padded_w) = self.original, self.content, self.padded
         maps = maps.float()  # half-precision coordinates would be off by a pixel on large images
         # The centre of original row i lies at (i + 0.5) * content_h / height in padded-input pixels; maps span the
         # padded input, so in grid_sample's [-1, 1] coordinates (align_corners=False) that is twice that over
         # padded_h, minus 1. The same sampling F.interpolate(align_corners=False) does, with the crop folded in.
         options = dict(device=maps.device, dtype=maps.dtype)
-        rows = (torch.arange(height, **options) + 0.5) * (2 * content_h / (height * padded_h)) - 1
-        cols = (torch.arange(width, **options) + 0.5) * (2 * content_w / (width * padded_w)) - 1
-        grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)  # (H, W, (x, y))
-        grid = grid.expand(maps.shape[0], height, width, 2)
+        rows = (torch.arange(*(rows or (0, height)), **options) + 0.5) * (2 * content_h / (height * padded_h)) - 1
+        cols = (torch.arange(*(cols or (0, width)), **options) + 0.5) * (2 * content_w / (width * padded_w)) - 1
+        grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)  # (rows, cols, (x, y))
+        grid = grid.expand(maps.shape[0], *grid.shape)
         return F.grid_sample(maps, grid, mode=mode, padding_mode="border", align_corners=False)
+
+    def as_model_input(self) -> "ImageGeometry":
+        """The same image on the grid of its resized content, the pixels the model saw (its original grid when that
+        is smaller). What post-processing decides (scores, areas, which segments are kept) is measured on this grid:
+        identical to measuring it at the original size for photos no larger than the model's input, and at a cost
+        that does not grow with the photo's size for larger ones."""
+        size = tuple(min(original, content) for original, content in zip(self.original, self.content))
+        return ImageGeometry(size, self.content, self.padded)
+
+    def sample_positions(self, map_size: int, axis: int) -> torch.Tensor:
+        """Where bilinear sampling of `to_original` reads maps with `map_size` cells along `axis` (0 rows, 1 columns)
+        for every original pixel: float64 positions in cells, clamped to the border as `to_original` is; the pixel
+        reads cells floor(p) and floor(p) + 1 (at most the last cell)."""
+        original, content, padded = self.original[axis], self.content[axis], self.padded[axis]
+        positions = (torch.arange(original, dtype=torch.float64) + 0.5) * (content * map_size / (original * padded))
+        return (positions - 0.5).clamp(0, map_size - 1)
+
+    def pixels_reading(self, cells: tuple[int, int], map_size: int, axis: int) -> tuple[int, int]:
+        """The (start, stop) range of original pixels along `axis` whose bilinear samples read any of the cells
+        `cells[0]` to `cells[1]` (inclusive) of maps with `map_size` cells along it, widened by a pixel for rounding."""
+        positions = self.sample_positions(map_size, axis)
+        start = int(torch.searchsorted(positions, float(cells[0] - 1), right=True)) - 1
+        stop = int(torch.searchsorted(positions, float(cells[1] + 1))) + 1
+        return max(start, 0), min(stop, self.original[axis])
+
+
+# Post-processing works on chunks of at most this many float32 values at the original size (64 MB): row bands of all
+# classes or queries, so that memory stays flat however large the photo and however many the classes or queries.
+CHUNK_ELEMENTS = 2**24
+
+
+def row_bands(height: int, values_per_row: int):
+    """(start, stop) ranges covering `height` rows, each holding at most `CHUNK_ELEMENTS` values (one row at least)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, values_per_row))
+    return [(start, min(start + step, height)) for start in range(0, height, step)]
 
 
 def nearest_resize(label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -142,6 +186,86 @@ def nearest_resize(label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     rows = ((np.arange(size[0]) + 0.5) * height / size[0]).astype(np.int64)
     cols = ((np.arange(size[1]) + 0.5) * width / size[1]).astype(np.int64)
     return label_map[rows[:, None], cols[None, :]]
+
+
+def _class_map(image: ImageGeometry, logits: torch.Tensor) -> torch.Tensor:
+    """argmax over classes of logits (C, h, w) resampled to the original size, as an (H, W) int64 map, in row bands."""
+    class_map = torch.empty(image.original, dtype=torch.long, device=logits.device)
+    for start, stop in row_bands(image.original[0], logits.shape[0] * image.original[1]):
+        class_map[start:stop] = image.to_original(logits[None], rows=(start, stop))[0].argmax(0)
+    return class_map
+
+
+def _mask_window(image: ImageGeometry, logits: torch.Tensor, mask_threshold: float):
+    """One query's mask, sigmoid(logits (h, w) resampled) > `mask_threshold`, at the original size but only over the
+    window it can cover: `((row_start, row_stop), (col_start, col_stop), (rows, cols) bool)`, None when it is empty.
+
+    A bilinear sample lies between the cells it reads, so a pixel is on only if a cell next to it is; the window
+    spans the pixels that read the cells which are on, and costs the mask's extent rather than the whole image."""
+    cells = (logits.sigmoid() > mask_threshold).nonzero()
+    if not len(cells):
+        return None
+    (top, left), (bottom, right) = cells.min(0).values.tolist(), cells.max(0).values.tolist()
+    rows = image.pixels_reading((top, bottom), logits.shape[0], axis=0)
+    cols = image.pixels_reading((left, right), logits.shape[1], axis=1)
+    window = image.to_original(logits[None, None], rows=rows, cols=cols)[0, 0].sigmoid() > mask_threshold
+    return (rows, cols, window) if window.any() else None
+
+
+def _mask_statistics(image: ImageGeometry, logits: torch.Tensor, mask_threshold: float):
+    """Per query of mask logits (n, h, w) sampled onto `image`'s grid a few queries at a time: the area of its mask,
+    sigmoid > `mask_threshold`, and the mean probability inside it (0 for an empty mask)."""
+    areas, mean_probs = [], []
+    step = max(1, CHUNK_ELEMENTS // (image.original[0] * image.original[1]))
+    for start in range(0, len(logits), step):
+        probs = image.to_original(logits[None, start : start + step])[0].sigmoid()
+        masks = probs > mask_threshold
+        areas.append(masks.sum((1, 2)))
+        mean_probs.append((probs * masks).sum((1, 2)) / areas[-1].clamp(min=1))
+    return torch.cat(areas), torch.cat(mean_probs)
+
+
+def _pixel_owners(image: ImageGeometry, logits, scores, mask_threshold, prune: bool = False):
+    """Which of n queries, mask logits (n, h, w) and scores (n,), owns each pixel of `image`'s grid: the one with the
+    highest score x mask probability, ties to the first. Yields per row band `((start, stop), probs, owner, on)`:
+    the probabilities of the band's candidate queries (c, rows, W), the owner of each pixel (rows, W), and whether
+    the owner's own probability there is at least `mask_threshold`.
+
+    With `prune`, a band resamples only the queries that can own one of its pixels (then `probs` has fewer than n
+    rows). A bilinear sample lies between the 2x2 cells it reads, so over such a square a query's score x probability
+    is at most its largest value there and at least its smallest; a query whose largest is below another's smallest
+    owns no pixel of the square."""
+    n, h, w = logits.shape
+    contenders = torch.ones((n, h), dtype=torch.bool, device=logits.device)  # (n, rows of squares)
+    if prune:
+        values = F.pad((scores[:, None, None] * logits.sigmoid())[None], (0, 1, 0, 1), mode="replicate")
+        highest = F.max_pool2d(values, 2, stride=1)[0]  # (n, h, w), squares by their top-left cell
+        lowest = -F.max_pool2d(-values, 2, stride=1)[0]
+        contenders = (highest >= lowest.max(0).values * (1 - 1e-6)).any(2)  # a margin for rounding
+    square_rows = image.sample_positions(h, axis=0).floor().long()  # the row of squares each pixel row reads
+    for start, stop in row_bands(image.original[0], n * image.original[1]):
+        first, last = max(int(square_rows[start]) - 1, 0), min(int(square_rows[stop - 1]) + 1, h - 1)
+        candidates = contenders[:, first : last + 1].any(1).nonzero()[:, 0]  # ascending, so ties stay with the first
+        probs = image.to_original(logits[None, candidates], rows=(start, stop))[0].sigmoid()
+        best = (scores[candidates, None, None] * probs).argmax(0)
+        yield (start, stop), probs, candidates[best], probs.gather(0, best[None])[0] >= mask_threshold
+
+
+def _panoptic_map(image: ImageGeometry, logits, scores, segment_of_query, segments, mask_threshold):
+    """The (H, W) map of segment ids at the original size: each pixel goes to its owner (`_pixel_owners`) when the
+    owner's mask is on there, and then to that query's segment (`segment_of_query`, -1 for none). Segments that end
+    up with no pixel are dropped. Returns the map and the remaining segments' infos, renumbered."""
+    segmentation = torch.empty(image.original, dtype=torch.long, device=logits.device)
+    for (start, stop), _, owner, on in _pixel_owners(image, logits, scores, mask_threshold, prune=True):
+        segmentation[start:stop] = segment_of_query[torch.where(on, owner, len(scores))]
+    areas = torch.bincount(segmentation.flatten() + 1, minlength=len(segments) + 1)[1:]
+    if bool((areas == 0).any()):
+        present = (areas > 0).nonzero()[:, 0]
+        renumber = torch.full((len(segments) + 1,), -1, dtype=torch.long, device=logits.device)
+        renumber[present + 1] = torch.arange(len(present), device=logits.device)
+        segmentation = renumber[segmentation + 1]
+        segments = [{**segments[old], "id": new} for new, old in enumerate(present.tolist())]
+    return segmentation, segments
 
 
 # ---- input checks and conversion ----
@@ -515,7 +639,7 @@ class SeNaTraImageProcessor(PilBackend):
         """
         logits = semantic_logits(outputs)
         geometry = self._geometry_of(target_sizes, logits)
-        return [image.to_original(logits[i : i + 1])[0].argmax(0) for i, image in enumerate(geometry)]
+        return [_class_map(image, logits[i]) for i, image in enumerate(geometry)]
 
     def post_process_instance_segmentation(
         self,
@@ -550,26 +674,37 @@ class SeNaTraImageProcessor(PilBackend):
             pair_probs, pairs = class_probs[i].flatten().topk(min(top_k, class_probs[i].numel()))
             # Masks are computed once per distinct query, then shared by that query's (query, class) pairs.
             queries, pair_query = (pairs // num_classes).unique(return_inverse=True)
-            mask_probs = image.to_original(mask_logits[i, queries][None])[0].sigmoid()
-            masks = mask_probs > mask_threshold
-            areas = masks.sum((1, 2))
-            mask_scores = (mask_probs * masks).sum((1, 2)) / areas.clamp(min=1)
+            logits = mask_logits[i, queries].float()
+            # Scores, and so which instances are kept, are measured at the resolution the model saw, a few queries at
+            # a time; only the kept instances are made at the original size.
+            areas, mask_scores = _mask_statistics(image.as_model_input(), logits, mask_threshold)
             scores = pair_probs * mask_scores[pair_query]
             keep = ((areas[pair_query] > 0) & (scores >= threshold)).nonzero()[:, 0]
             keep = keep[scores[keep].argsort(descending=True)]
-            instance_masks = masks[pair_query[keep]]
-            # Painted from the lowest score up, so each pixel ends with the best instance covering it.
+            # Only the kept instances are resampled to the original size, each in the window where it can be on.
+            windows = {}
+            for query in pair_query[keep].unique().tolist():
+                windows[query] = _mask_window(image, logits[query], mask_threshold)
+            keep = [k for k in keep.tolist() if windows[int(pair_query[k])] is not None]
+            # Painted from the highest score down into pixels no instance has yet, so each pixel ends with the best
+            # instance covering it.
             segmentation = torch.full(image.original, -1, dtype=torch.long, device=mask_logits.device)
-            for n in reversed(range(len(keep))):
-                segmentation[instance_masks[n]] = n
+            for n, k in enumerate(keep):
+                rows, cols, window = windows[int(pair_query[k])]
+                painted = segmentation[rows[0] : rows[1], cols[0] : cols[1]]
+                painted.masked_fill_(window & (painted < 0), n)
             result = {
                 "segmentation": segmentation,
                 "segments_info": [
                     {"id": n, "label_id": int(pairs[k] % num_classes), "score": round(float(scores[k]), 6)}
-                    for n, k in enumerate(keep.tolist())
+                    for n, k in enumerate(keep)
                 ],
             }
             if return_binary_masks:
+                instance_masks = torch.zeros((len(keep), *image.original), dtype=torch.bool, device=mask_logits.device)
+                for n, k in enumerate(keep):
+                    rows, cols, window = windows[int(pair_query[k])]
+                    instance_masks[n, rows[0] : rows[1], cols[0] : cols[1]] = window
                 result["masks"] = instance_masks
             results.append(result)
         return results
@@ -614,27 +749,34 @@ class SeNaTraImageProcessor(PilBackend):
             segmentation = torch.full(image.original, -1, dtype=torch.long, device=mask_logits.device)
             segments = []
             if len(kept):
-                segmentation, segments = self._merge_panoptic(
-                    image.to_original(mask_logits[i, kept][None])[0].sigmoid(), scores[i, kept], labels[i, kept],
-                    stuff, mask_threshold, overlap_mask_area_threshold,
+                logits = mask_logits[i, kept].float()
+                # Which queries make segments is decided at the resolution the model saw; only the map of segment ids
+                # is made at the original size.
+                owned_area, final_area, mask_area = torch.zeros((3, len(kept)), dtype=torch.long, device=logits.device)
+                for _, probs, owner, on in _pixel_owners(image.as_model_input(), logits, scores[i, kept], mask_threshold):
+                    owned_area += torch.bincount(owner.flatten(), minlength=len(kept))
+                    final_area += torch.bincount(owner[on], minlength=len(kept))
+                    mask_area += (probs >= mask_threshold).sum((1, 2))  # every query is a candidate: no pruning here
+                segment_of_query, segments = self._merge_panoptic(
+                    owned_area, final_area, mask_area, scores[i, kept], labels[i, kept], stuff,
+                    overlap_mask_area_threshold,
                 )
+                if segments:
+                    segmentation, segments = _panoptic_map(
+                        image, logits, scores[i, kept], segment_of_query, segments, mask_threshold
+                    )
             results.append({"segmentation": segmentation, "segments_info": segments})
         return results
 
     @staticmethod
-    def _merge_panoptic(mask_probs, scores, labels, stuff, mask_threshold, overlap_mask_area_threshold):
-        """Segments from n queries sorted by decreasing score: mask probabilities (n, H, W), scores and labels (n,)."""
+    def _merge_panoptic(owned_area, final_area, mask_area, scores, labels, stuff, overlap_mask_area_threshold):
+        """Segments from n queries sorted by decreasing score, given per query the pixels it wins, those it keeps
+        (won where its mask is on) and those of its mask, with its score and label (all (n,)). Returns the segment
+        of every query ((n + 1,), -1 for none; the last entry stands for "no query") and the segments' infos."""
         n = len(scores)
-        owner = (scores[:, None, None] * mask_probs).argmax(0)  # the query winning each pixel
-        # Pixels where the winner's own mask is below the threshold belong to nobody (index n).
-        owner_prob = mask_probs.gather(0, owner[None])[0]
-        final_owner = torch.where(owner_prob >= mask_threshold, owner, n)
-        owned_area = torch.bincount(owner.flatten(), minlength=n)
-        final_area = torch.bincount(final_owner.flatten(), minlength=n + 1)[:n]
-        mask_area = (mask_probs >= mask_threshold).sum((1, 2))
         valid = (final_area > 0) & (owned_area >= overlap_mask_area_threshold * mask_area)
 
-        segment_of_query = torch.full((n + 1,), -1, dtype=torch.long, device=mask_probs.device)
+        segment_of_query = torch.full((n + 1,), -1, dtype=torch.long, device=scores.device)
         segments, stuff_segment = [], {}
         for k in valid.nonzero()[:, 0].tolist():
             label = int(labels[k])
@@ -645,24 +787,35 @@ class SeNaTraImageProcessor(PilBackend):
             if label in stuff:
                 stuff_segment[label] = len(segments)
             segments.append({"id": len(segments), "label_id": label, "score": round(float(scores[k]), 6)})
-        return segment_of_query[final_owner], segments
+        return segment_of_query, segments
 
     def _panoptic_from_semantic_logits(self, logits, target_sizes) -> list[dict]:
         results = []
         for i, image in enumerate(self._geometry_of(target_sizes, logits)):
-            confidence, classes = image.to_original(logits[i : i + 1])[0].softmax(0).max(0)
-            segmentation = torch.full(image.original, -1, dtype=torch.long, device=logits.device)
-            found = []
-            for label in classes.unique().tolist():
-                region = classes == label
-                found.append((float(confidence[region].mean()), label, region))
-            found.sort(key=lambda item: -item[0])
-            for segment_id, (_, _, region) in enumerate(found):
-                segmentation[region] = segment_id
+            # One pass of row bands: the class map, and per class the pixel count and summed confidence.
+            num_classes = logits.shape[1]
+            classes = torch.empty(image.original, dtype=torch.long, device=logits.device)
+            area = torch.zeros(num_classes, dtype=torch.long, device=logits.device)
+            confidence_sum = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
+            for start, stop in row_bands(image.original[0], num_classes * image.original[1]):
+                band_logits = image.to_original(logits[i : i + 1], rows=(start, stop))[0]
+                # The argmax of the logits, not of the probabilities, which rounding can tie: the same classes as
+                # semantic post-processing gives.
+                band = band_logits.argmax(0)
+                confidence = band_logits.softmax(0).gather(0, band[None])[0]
+                classes[start:stop] = band
+                area += torch.bincount(band.flatten(), minlength=num_classes)
+                confidence_sum.index_add_(0, band.flatten(), confidence.flatten().double())
+            present = area.nonzero()[:, 0]
+            mean_confidence = confidence_sum[present] / area[present]
+            order = mean_confidence.argsort(descending=True, stable=True)
+            segment_of_class = torch.full((num_classes,), -1, dtype=torch.long, device=logits.device)
+            segment_of_class[present[order]] = torch.arange(len(present), device=logits.device)
             segments = [
-                {"id": n, "label_id": label, "score": round(score, 6)} for n, (score, label, _) in enumerate(found)
+                {"id": n, "label_id": int(present[k]), "score": round(float(mean_confidence[k]), 6)}
+                for n, k in enumerate(order.tolist())
             ]
-            results.append({"segmentation": segmentation, "segments_info": segments})
+            results.append({"segmentation": segment_of_class[classes], "segments_info": segments})
         return results
 
     def post_process_hierarchical_segmentation(self, native_segments, target_sizes) -> list[list[torch.Tensor]]:
@@ -676,11 +829,14 @@ class SeNaTraImageProcessor(PilBackend):
             target_sizes: the original (height, width) of every image of the batch.
         """
         levels = torch.stack(list(native_segments), dim=1)  # (B, levels, h, w)
-        geometry = self._geometry_of(target_sizes, levels)
-        return [
-            list(image.to_original(levels[i : i + 1].float(), mode="nearest")[0].long())
-            for i, image in enumerate(geometry)
-        ]
+        results = []
+        for i, image in enumerate(self._geometry_of(target_sizes, levels)):
+            maps = torch.empty((levels.shape[1], *image.original), dtype=torch.long, device=levels.device)
+            for start, stop in row_bands(image.original[0], levels.shape[1] * image.original[1]):
+                band = image.to_original(levels[i : i + 1].float(), mode="nearest", rows=(start, stop))[0]
+                maps[:, start:stop] = band.long()
+            results.append(list(maps))
+        return results
 
     @torch.no_grad()
     def sliding_window_inference(self, model, pixel_values, window_size, stride=None, batch_size: int = 4):
