@@ -115,7 +115,7 @@ def main():
     (cli.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if dataset != CACHE / "camvid":
         print("Trained and evaluated on the single bundled fixture image: the mIoU below means nothing")
-    print(f"CamVid val mIoU {100 * metrics['mean_iou']:.1f} ({metrics['num_images']} images) after {args.max_steps} "
+    print(f"CamVid val mIoU {100 * metrics['mean_iou']:.2f} ({metrics['num_images']} images) after {args.max_steps} "
           f"steps; {summary['minutes']:.1f} min in all. Model: {folder}; pictures: {cli.out}/segmentation.png, "
           f"{cli.out}/hierarchy.png")
 

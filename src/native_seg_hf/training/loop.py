@@ -3,10 +3,15 @@
 One process per device (`accelerate launch`), each reading its own part of a `datasets` stream (see `data.py` for
 why the data loader is not passed through `accelerator.prepare`). Per optimizer step: `gradient_accumulation_steps`
 micro-batches under `accelerator.accumulate`, gradient clipping, AdamW with layer-wise lr decay and EoMT's
-schedule (`optim.py`), mask annealing for query models. Every `save_steps` a checkpoint folder
-`<output_dir>/checkpoints/step_<N>` gets `accelerator.save_state` (model, optimizer, scheduler, RNGs) plus
-`stream_<rank>.json` (each process's position in its stream) and `trainer_state.json` (the step);
-`resume_from_checkpoint="latest"` continues from the newest one with the same samples in the same order.
+schedule (`optim.py`), mask annealing for query models. Losses are normalised over the whole step's batch on every
+process (`train_step`), so W processes compute the update of one process on the global batch.
+
+Every `save_steps` a checkpoint folder `<output_dir>/checkpoints/step_<N>` gets `accelerator.save_state` (model,
+optimizer, scheduler, RNGs) plus `stream_<rank>.json` (each process's position in its stream) and
+`trainer_state.json` (the step, the number of processes, the planned `max_steps`), written atomically: into a
+temporary folder renamed to `step_<N>` once complete, so a run killed at any point leaves only complete
+checkpoints under that name. `resume_from_checkpoint="latest"` continues from the newest complete one with the
+same samples in the same order.
 """
 
 import json
@@ -30,7 +35,13 @@ from ..models.configuration_segmenter import SegmenterConfig
 from ..models.configuration_senatra import SeNaTraConfig
 from ..models.image_processing_senatra import SeNaTraImageProcessor
 from ..models.modeling_segmenter import SegmenterForSemanticSegmentation
-from ..models.modeling_senatra import SeNaTraForSemanticSegmentation, SeNaTraForUniversalSegmentation
+from ..models.modeling_senatra import (
+    SeNaTraForSemanticSegmentation,
+    SeNaTraForUniversalSegmentation,
+    SeNaTraHungarianMatcher,
+    SeNaTraPreTrainedModel,
+    global_num_masks,
+)
 from .data import Augmentation, SampleDecoder, TrainStream, batches, collate, eval_samples, load_id2label, load_split
 from .mask_annealing import set_mask_annealing
 from .optim import create_optimizer, create_scheduler
@@ -58,14 +69,20 @@ class TrainArguments:
     preset: str = field(default="nano", metadata={"help": "SeNaTra size (of the model, or of Segmenter's backbone)"})
     config: str | None = field(default=None, metadata={"help": "a config.json to build the model from instead of --preset"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "start from this pretrained folder or Hub id"})
+    change_head: bool = field(default=False, metadata={"help": "with --model_name_or_path, a SeNaTra checkpoint saved "
+                                                                "as another task model: keep its backbone, start a "
+                                                                "new head (e.g. senatra-universal from a semantic "
+                                                                "model)"})
     train_split: str = "train"
     eval_split: str = "validation"
     image_column: str = "image"
     label_column: str = field(default="label", metadata={"help": "class-id maps (255 = unlabelled)"})
     instance_column: str | None = field(default=None, metadata={"help": "instance-id maps, for instance/panoptic tasks"})
     id_column: str | None = field(default="id", metadata={"help": "sample names, for logs (none: set it empty)"})
-    streaming: bool = field(default=True, metadata={"help": "stream the training split (IterableDataset with a "
-                                                             "shuffle buffer, split between processes by node)"})
+    # One help text serves --streaming and --no_streaming (HfArgumentParser), so it says what both do.
+    streaming: bool = field(default=True, metadata={"help": "whether to stream the training split (default: yes, an "
+                                                             "IterableDataset with a shuffle buffer, split between "
+                                                             "processes by node); --no_streaming loads it in memory"})
     shuffle_buffer: int = 256
     crop_height: int = 256
     crop_width: int = 352
@@ -73,7 +90,8 @@ class TrainArguments:
                                                                         "(default: the image's own)"})
     scale_min: float = 0.5
     scale_max: float = 2.0
-    jitter: bool = field(default=True, metadata={"help": "photometric jitter"})
+    jitter: bool = field(default=True, metadata={"help": "whether to apply photometric jitter (default: yes; "
+                                                         "--no_jitter turns it off)"})
     eval_short_side: int | None = field(default=None, metadata={"help": "evaluation resize (default: crop_height)"})
     max_eval_samples: int | None = None
     per_device_batch_size: int = 8
@@ -111,17 +129,50 @@ def build_model(args: TrainArguments, id2label: dict[int, str]):
         raise ValueError(f"task {args.task!r} needs a query model ({', '.join(QUERY_MODELS)}), not {args.model}")
     model_class = MODELS[args.model]
     labels = {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
+    if args.change_head and not (args.model_name_or_path and issubclass(model_class, SeNaTraPreTrainedModel)):
+        raise ValueError("--change_head applies to --model_name_or_path with a SeNaTra model (senatra, "
+                         "senatra-universal)")
     if args.model_name_or_path:
-        return model_class.from_pretrained(args.model_name_or_path, ignore_mismatched_sizes=True, **labels)
+        # ignore_mismatched_sizes: a head for another label set starts afresh instead of failing to load
+        extra = {"change_head": True} if args.change_head else {}
+        model = model_class.from_pretrained(args.model_name_or_path, ignore_mismatched_sizes=True, **labels, **extra)
+        return with_our_loss_rules(model)
     if args.config:
         config = AutoConfig.from_pretrained(args.config, **labels)
     elif args.model == "segmenter":
         config = SegmenterConfig(backbone_config=SeNaTraConfig.from_preset(args.preset), **labels)
     elif args.model == "eomt":
-        config = EomtConfig(image_size=args.crop_height, **labels)
+        # EoMT takes square inputs of one size: crops (and evaluation images) are padded to it.
+        config = EomtConfig(image_size=max(args.crop_height, args.crop_width), **labels)
     else:
         config = SeNaTraConfig.from_preset(args.preset, **labels)
-    return model_class(config)
+    return with_our_loss_rules(model_class(config))
+
+
+def with_our_loss_rules(model):
+    """Give Transformers' EoMT loss the fixes of our universal model's (`SeNaTraLoss`): the number of masks as the
+    mean over processes (Transformers divides by the number of processes twice, making the mask losses W times too
+    large on W processes) and the float32 matcher with finite costs. Other models are returned as they are."""
+    if isinstance(model, EomtForUniversalSegmentation):
+        config = model.config
+        model.criterion.get_num_masks = global_num_masks
+        model.criterion.matcher = SeNaTraHungarianMatcher(
+            cost_class=config.class_weight, cost_mask=config.mask_weight, cost_dice=config.dice_weight,
+            num_points=config.train_num_points,
+        )
+    return model
+
+
+def check_crop_fits(model, args: TrainArguments) -> None:
+    """EoMT takes inputs of one fixed size (`image_size`): a larger crop would fail at the first batch, so say so
+    before training starts."""
+    if isinstance(model.config, EomtConfig):
+        size = model.config.image_size
+        if max(args.crop_height, args.crop_width) > size:
+            raise ValueError(
+                f"this EoMT model takes {size}x{size} inputs (config.image_size) and crops of {args.crop_height}x"
+                f"{args.crop_width} do not fit: pass --crop_height and --crop_width of at most {size}"
+            )
 
 
 def image_processor(model, args: TrainArguments) -> SeNaTraImageProcessor:
@@ -205,37 +256,147 @@ def evaluate_saved(folder, dataset: str, split: str = "validation", image_column
                           processor.ignore_index)
 
 
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """The `step_<N>` folders under `output_dir/checkpoints`, oldest first (complete or not)."""
+    folders = [p for p in (output_dir / "checkpoints").glob("step_*") if p.name[len("step_"):].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name[len("step_"):]))
+
+
+def checkpoint_state(folder: Path) -> dict | None:
+    """A checkpoint's `trainer_state.json` if the checkpoint is complete (that file, written last, and the stream
+    position of every process that wrote it), else None."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    # Checkpoints written before the number of processes was recorded hold one stream file per process.
+    processes = state.setdefault("num_processes", len(list(folder.glob("stream_*.json"))))
+    complete = processes > 0 and all((folder / f"stream_{rank}.json").is_file() for rank in range(processes))
+    return state if complete else None
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    folders = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return folders[-1] if folders else None
+    """The newest complete checkpoint; incomplete ones (a run killed while writing them) are skipped with a warning."""
+    for folder in reversed(checkpoint_folders(output_dir)):
+        if checkpoint_state(folder) is not None:
+            return folder
+        logger.warning("skipping the incomplete checkpoint %s (its run was killed while writing it)", folder)
+    return None
 
 
 def save_checkpoint(accelerator: Accelerator, stream: TrainStream, output_dir: Path, step: int,
-                    limit: int | None) -> Path:
-    folder = output_dir / "checkpoints" / f"step_{step}"
-    accelerator.save_state(str(folder))
-    (folder / f"stream_{accelerator.process_index}.json").write_text(json.dumps(stream.state_dict()))
+                    limit: int | None, max_steps: int | None = None) -> Path:
+    """Write checkpoint `step_<step>` atomically and keep the newest `limit` complete ones.
+
+    Every process writes into a temporary folder `.tmp_step_<step>`; once all have, the main process adds
+    `trainer_state.json` and renames the folder to `step_<step>` in one step. A kill at any moment leaves either
+    the previous checkpoints untouched or the new one complete (a leftover temporary folder is never read, and is
+    cleared by the next save of that step)."""
+    checkpoints = output_dir / "checkpoints"
+    folder, temporary = checkpoints / f"step_{step}", checkpoints / f".tmp_step_{step}"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    (temporary / f"stream_{accelerator.process_index}.json").write_text(json.dumps(stream.state_dict()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
-        older = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-        for stale in older[: -limit] if limit else []:
+        state = {"step": step, "num_processes": accelerator.num_processes, "max_steps": max_steps}
+        (temporary / "trainer_state.json").write_text(json.dumps(state))
+        replaced = checkpoints / f".old_step_{step}"
+        if folder.exists():  # an incomplete folder of an older run, or a step redone after resuming further back
+            shutil.rmtree(replaced, ignore_errors=True)
+            folder.rename(replaced)
+        temporary.rename(folder)
+        shutil.rmtree(replaced, ignore_errors=True)
+        complete = [f for f in checkpoint_folders(output_dir) if checkpoint_state(f) is not None]
+        for stale in complete[:-limit] if limit else []:
             shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return folder
 
 
-def resume(accelerator: Accelerator, stream: TrainStream, output_dir: Path, checkpoint: str) -> int:
-    """Load a checkpoint (or the latest one) into the run; returns its step (0 when 'latest' finds none)."""
+def resume(accelerator: Accelerator, stream: TrainStream, output_dir: Path, checkpoint: str) -> dict:
+    """Load a checkpoint (or the latest complete one) into the run; returns its `trainer_state.json` ({"step": 0}
+    when 'latest' finds none)."""
     folder = latest_checkpoint(output_dir) if checkpoint == "latest" else Path(checkpoint)
     if folder is None:
         logger.warning("no checkpoint in %s: starting from scratch", output_dir / "checkpoints")
-        return 0
+        return {"step": 0}
+    state = checkpoint_state(folder)
+    if state is None:
+        raise ValueError(f"{folder} is not a complete checkpoint (no trainer_state.json or a process's "
+                         "stream_<rank>.json): its run was killed while writing it; resume from an older one or "
+                         "pass 'latest'")
+    if state["num_processes"] != accelerator.num_processes:
+        raise ValueError(
+            f"{folder} was written by {state['num_processes']} processes and this run has "
+            f"{accelerator.num_processes}: every process continues its own part of the training stream, so resume "
+            f"with {state['num_processes']} processes (accelerate launch --num_processes {state['num_processes']})"
+        )
     accelerator.load_state(str(folder))
     stream.load_state_dict(json.loads((folder / f"stream_{accelerator.process_index}.json").read_text()))
-    step = json.loads((folder / "trainer_state.json").read_text())["step"]
-    accelerator.print(f"resumed from {folder} (step {step})")
-    return step
+    accelerator.print(f"resumed from {folder} (step {state['step']})")
+    return state
+
+
+def restart_schedule(optimizer, scheduler, state: dict, max_steps: int, accelerator: Accelerator) -> None:
+    """After resuming, set every group's lr from the schedule built for this run's `max_steps`.
+
+    The optimizer state restores the lr that the checkpoint's own schedule reached (0 at its last step when the
+    checkpoint ended its run), and that lr would drive the next step; the schedule's functions are not saved, so
+    from then on this run's apply. Recomputing now makes a resumed run with a larger `max_steps` follow the new
+    schedule from its first step, and says so."""
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+    planned = state.get("max_steps")
+    if planned is not None and planned != max_steps:
+        accelerator.print(f"the checkpoint's schedule ran to {planned} steps; it now runs to --max_steps "
+                          f"{max_steps} (lr {lrs[-1]:.2e} at step {state['step']})")
+
+
+def labelled_pixels(samples: list[dict], ignore_index: int) -> int:
+    return int(sum((sample["label"] != ignore_index).sum() for sample in samples))
+
+
+def train_step(model, step_samples: list[list[dict]], processor, accelerator: Accelerator, targets: str) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches (this process's share of the step).
+
+    Returns the step's loss as this process contributes it (the mean over processes is the loss of the whole step's
+    batch) and the number of micro-batches with no labelled pixel.
+
+    - Semantic models return the mean over a micro-batch's labelled pixels. Each is weighted by the micro-batch's
+      share of the labelled pixels of the whole step, over every process and micro-batch: after Accelerate's
+      division by the accumulation steps and DDP's averaging over processes, the gradient is that of the mean over
+      every labelled pixel of the step, as on one process (plain averaging would give a pixel of a half-ignored
+      image twice the weight of one in a fully labelled image).
+    - Query models normalise their mask losses by the number of masks over every process themselves
+      (`global_num_masks`).
+    - A micro-batch with no labelled pixel contributes a zero loss that keeps the graph (every parameter gets a
+      zero gradient, as DDP needs), not a NaN.
+    """
+    ignore_index = processor.ignore_index
+    counts = [labelled_pixels(samples, ignore_index) for samples in step_samples]
+    if targets == "labels":
+        total = accelerator.reduce(torch.tensor(sum(counts), device=accelerator.device), "sum").item()
+        scale = len(step_samples) * accelerator.num_processes / max(total, 1)
+    step_loss, unlabelled = 0.0, 0
+    for samples, count in zip(step_samples, counts):
+        batch = to_device(collate(samples, processor, targets), accelerator.device)
+        with accelerator.accumulate(model):
+            if count == 0:  # still a forward, which DDP expects before every backward
+                unlabelled += 1
+                model(pixel_values=batch["pixel_values"])
+                loss = sum(parameter.sum() for parameter in model.parameters() if parameter.requires_grad) * 0.0
+            else:
+                loss = model(**batch).loss
+                if targets == "labels":
+                    loss = loss * (count * scale)
+            accelerator.backward(loss)
+        step_loss += loss.item() / len(step_samples)
+    return step_loss, unlabelled
 
 
 def train(args: TrainArguments) -> dict:
@@ -247,6 +408,7 @@ def train(args: TrainArguments) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     id2label = load_id2label(args.dataset)
     model = build_model(args, id2label)
+    check_crop_fits(model, args)
     processor = image_processor(model, args)
     if accelerator.is_main_process:
         n = sum(p.numel() for p in model.parameters())
@@ -268,7 +430,12 @@ def train(args: TrainArguments) -> dict:
                             augmentation)
     stream = TrainStream(load_split(args.dataset, args.train_split, columns, args.streaming), decoder, args.seed,
                          args.shuffle_buffer, accelerator.process_index, accelerator.num_processes)
-    step = resume(accelerator, stream, output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else 0
+    step = 0
+    if args.resume_from_checkpoint:
+        state = resume(accelerator, stream, output_dir, args.resume_from_checkpoint)
+        step = state["step"]
+        if step:
+            restart_schedule(optimizer, scheduler, state, args.max_steps, accelerator)
     if anneal:
         set_mask_annealing(unwrapped, step, args.max_steps)
 
@@ -286,17 +453,18 @@ def train(args: TrainArguments) -> dict:
     model.train()
     metrics, start_step, run_start = {}, step, time.perf_counter()
     window_loss, window_images, window_start = 0.0, 0, run_start  # what the progress bar shows, every logging_steps
+    unlabelled_batches = 0
     while step < args.max_steps:
-        step_ids = []
-        for _ in range(args.gradient_accumulation_steps):
-            samples = next(micro_batches)
-            step_ids += [sample["id"] for sample in samples]
-            batch = to_device(collate(samples, processor, targets), accelerator.device)
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-            window_loss += loss.item() / args.gradient_accumulation_steps
-            window_images += len(samples)
+        step_samples = [next(micro_batches) for _ in range(args.gradient_accumulation_steps)]
+        step_ids = [sample["id"] for samples in step_samples for sample in samples]
+        step_lr = optimizer.param_groups[-1]["lr"]
+        loss, unlabelled = train_step(model, step_samples, processor, accelerator, targets)
+        if unlabelled and not unlabelled_batches:
+            logger.warning("a batch with no labelled pixel (all %d): it gets a zero loss; such batches are counted "
+                           "in the log", processor.ignore_index)
+        unlabelled_batches += unlabelled
+        window_loss += loss
+        window_images += sum(len(samples) for samples in step_samples)
         if args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -306,7 +474,7 @@ def train(args: TrainArguments) -> dict:
         if anneal:
             set_mask_annealing(unwrapped, step, args.max_steps)
         if sample_log:
-            sample_log.write(json.dumps({"step": step, "ids": step_ids}) + "\n")
+            sample_log.write(json.dumps({"step": step, "ids": step_ids, "lr": step_lr}) + "\n")
             sample_log.flush()
         progress.update(1)
         if step % args.logging_steps == 0 or step == args.max_steps:
@@ -315,13 +483,13 @@ def train(args: TrainArguments) -> dict:
             elapsed = time.perf_counter() - window_start
             steps_done = (step - 1) % args.logging_steps + 1
             progress.set_postfix(loss=f"{loss_mean / steps_done:.3f}", img_s=f"{images / elapsed:.1f}",
-                                 lr=f"{scheduler.get_last_lr()[-1]:.2e}")
+                                 lr=f"{scheduler.get_last_lr()[-1]:.2e}", unlabelled_batches=unlabelled_batches)
             window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
         if args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
             scores = run_eval()
-            accelerator.print(f"\nstep {step}: mIoU {scores['mean_iou']:.4f} on {scores['num_images']} images")
+            accelerator.print(f"\nstep {step}: mIoU {100 * scores['mean_iou']:.2f} on {scores['num_images']} images")
         if args.save_steps and step % args.save_steps == 0:
-            save_checkpoint(accelerator, stream, output_dir, step, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, stream, output_dir, step, args.checkpoints_total_limit, args.max_steps)
     progress.close()
     micro_batches.close()  # ends the stream's reader now rather than at interpreter exit
     steps_per_second = (step - start_step) / (time.perf_counter() - run_start)
@@ -330,8 +498,11 @@ def train(args: TrainArguments) -> dict:
 
     if args.eval_split:
         metrics = run_eval()
-        accelerator.print(f"{args.eval_split} mIoU {metrics['mean_iou']:.4f} on {metrics['num_images']} images")
+        accelerator.print(f"{args.eval_split} mIoU {100 * metrics['mean_iou']:.2f} on {metrics['num_images']} images")
     metrics["skipped_samples"] = int(accelerator.reduce(torch.tensor(decoder.skipped, device=accelerator.device), "sum"))
+    # each process counts its own micro-batches without a labelled pixel
+    metrics["unlabelled_batches"] = int(accelerator.reduce(torch.tensor(unlabelled_batches, device=accelerator.device),
+                                                           "sum"))
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir / "model")
         processor.save_pretrained(output_dir / "model")
