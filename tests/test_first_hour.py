@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -230,3 +231,54 @@ def test_a_regular_install_trains_and_writes_the_upload_folder(tmp_path):
     assert {"modeling_senatra.py", "configuration_senatra.py"} <= files  # remote code
     card = ModelCard.load(folder / "README.md")
     assert card.data.license == "cc-by-nc-4.0" and "mean IoU" in card.text
+
+
+# ---- a time budget that holds whatever the load ----
+
+
+def test_run_length_replans_from_the_pace_so_far():
+    from native_seg_hf.training.optim import RunLength
+
+    assert RunLength(50).update(10, elapsed=1000.0) == 50  # no budget: the steps asked for
+    length = RunLength(100_000, minutes=1)
+    assert length.steps == 100_000  # nothing measured yet: the cap
+    assert length.update(10, elapsed=30.0) == 20  # 3 s a step: 20 fit in 60 s
+    assert length.update(15, elapsed=56.0) == 16  # slower now: one more step fits
+    assert length.update(16, elapsed=59.0) == 16  # less time left than a step takes: stop here
+    assert RunLength(12, minutes=1).update(10, elapsed=1.0) == 12  # the cap holds
+
+
+def test_a_time_budget_ends_on_time_when_the_machine_slows_down(tmp_path, monkeypatch):
+    """After a few steps every step takes 0.4 s longer (the machine got busy, or a pass over the data ends with a
+    pause): a plan made from the first steps' pace would overrun its budget several times; the run re-plans and
+    ends on time, with its lr decayed."""
+    import datasets
+
+    from segmentation_datasets import synthetic_dataset
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)  # the slowdown below is the test's
+    durations = []
+    real_step = loop.train_step
+
+    def slowing_step(*args, **kwargs):
+        start = time.perf_counter()
+        result = real_step(*args, **kwargs)
+        if len(durations) >= 5:
+            time.sleep(0.4)
+        durations.append(time.perf_counter() - start)
+        return result
+
+    monkeypatch.setattr(loop, "train_step", slowing_step)
+    dataset = synthetic_dataset(tmp_path / "d", train=8, validation=1, num_shards=1)
+    ns.SeNaTraConfig(**TINY).save_pretrained(tmp_path / "config")
+    budget = 4.0
+    args = TrainArguments(dataset=str(dataset), output_dir=str(tmp_path / "run"), config=str(tmp_path / "config"),
+                          crop_height=32, crop_width=64, per_device_batch_size=2, learning_rate=1e-3,
+                          max_steps=100_000, max_train_minutes=budget / 60, max_eval_samples=1, shuffle_buffer=4,
+                          sample_log=True)
+    result = loop.train(args)
+    early_pace = sum(durations[1:5]) / 4
+    assert result["steps"] == len(durations) < budget / early_pace  # fewer than a plan from the early pace
+    assert result["train_seconds"] <= budget + max(durations) + 0.5
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "samples_0.jsonl").read_text().splitlines()]
+    assert len(lrs) == result["steps"] and lrs[-1] < 0.35 * args.learning_rate  # the schedule ended with the run

@@ -44,7 +44,7 @@ from ..models.modeling_senatra import (
 )
 from .data import Augmentation, SampleDecoder, TrainStream, batches, collate, eval_samples, load_id2label, load_split
 from .mask_annealing import set_mask_annealing
-from .optim import create_optimizer, create_scheduler
+from .optim import RunLength, create_optimizer, create_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,11 @@ class TrainArguments:
     max_eval_samples: int | None = None
     per_device_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    max_steps: int = 1000
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps (with --max_train_minutes: at most)"})
+    max_train_minutes: float | None = field(default=None, metadata={
+        "help": "time budget: train as many steps as fit in this many minutes at the pace of the run so far (every "
+                "pause counted), re-planned after every step; the lr schedule and mask annealing end with the run "
+                "(optim.RunLength). Evaluation and saving come after"})
     learning_rate: float = 1e-4
     weight_decay: float = 0.05
     layer_decay: float = field(default=1.0, metadata={"help": "layer-wise lr decay (EoMT 0.8 when fine-tuning; 1 "
@@ -285,7 +289,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, stream: TrainStream, output_dir: Path, step: int,
-                    limit: int | None, max_steps: int | None = None) -> Path:
+                    limit: int | None, max_steps: int | None = None, train_seconds: float | None = None) -> Path:
     """Write checkpoint `step_<step>` atomically and keep the newest `limit` complete ones.
 
     Every process writes into a temporary folder `.tmp_step_<step>`; once all have, the main process adds
@@ -301,7 +305,8 @@ def save_checkpoint(accelerator: Accelerator, stream: TrainStream, output_dir: P
     (temporary / f"stream_{accelerator.process_index}.json").write_text(json.dumps(stream.state_dict()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "num_processes": accelerator.num_processes, "max_steps": max_steps}
+        state = {"step": step, "num_processes": accelerator.num_processes, "max_steps": max_steps,
+                 "train_seconds": train_seconds}
         (temporary / "trainer_state.json").write_text(json.dumps(state))
         replaced = checkpoints / f".old_step_{step}"
         if folder.exists():  # an incomplete folder of an older run, or a step redone after resuming further back
@@ -399,8 +404,16 @@ def train_step(model, step_samples: list[list[dict]], processor, accelerator: Ac
     return step_loss, unlabelled
 
 
+def replan(length: RunLength, step: int, accelerator: Accelerator) -> int:
+    """`length.update` with the longest elapsed time of all processes, so that every process plans the same steps
+    (the same lr, and no process waiting for a step the others do not take)."""
+    elapsed = torch.tensor([length.elapsed()], device=accelerator.device)
+    return length.update(step, accelerator.gather(elapsed).max().item())
+
+
 def train(args: TrainArguments) -> dict:
-    """Train, evaluate and save; returns {"model", "processor", "metrics", "output_dir", "steps_per_second"}."""
+    """Train, evaluate and save; returns {"model", "processor", "metrics", "output_dir", "steps",
+    "steps_per_second", "train_seconds"}."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.gradient_accumulation_steps)
     set_seed(args.seed)  # the same initial weights in every process
@@ -415,7 +428,8 @@ def train(args: TrainArguments) -> dict:
         accelerator.print(f"{type(model).__name__}: {n / 1e6:.2f}M parameters, {len(id2label)} classes")
 
     optimizer = create_optimizer(model, args.learning_rate, args.weight_decay, args.layer_decay)
-    scheduler = create_scheduler(optimizer, args.max_steps, args.warmup_steps, args.backbone_warmup_steps,
+    length = RunLength(args.max_steps, args.max_train_minutes)
+    scheduler = create_scheduler(optimizer, lambda: length.steps, args.warmup_steps, args.backbone_warmup_steps,
                                  args.poly_power)
     # The scheduler stays unprepared (a prepared one steps num_processes times per step); it is still saved.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -435,9 +449,10 @@ def train(args: TrainArguments) -> dict:
         state = resume(accelerator, stream, output_dir, args.resume_from_checkpoint)
         step = state["step"]
         if step:
-            restart_schedule(optimizer, scheduler, state, args.max_steps, accelerator)
+            length.resume(step, state.get("train_seconds") or 0.0)
+            restart_schedule(optimizer, scheduler, state, length.steps, accelerator)
     if anneal:
-        set_mask_annealing(unwrapped, step, args.max_steps)
+        set_mask_annealing(unwrapped, step, length.steps)
 
     def run_eval():
         eval_decoder = SampleDecoder(args.image_column, args.label_column, id_column=args.id_column or None)
@@ -449,12 +464,12 @@ def train(args: TrainArguments) -> dict:
     targets = targets_for(args)
     sample_log = (output_dir / f"samples_{accelerator.process_index}.jsonl").open("a") if args.sample_log else None
     micro_batches = batches(stream, args.per_device_batch_size)
-    progress = tqdm(total=args.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=length.steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     model.train()
     metrics, start_step, run_start = {}, step, time.perf_counter()
     window_loss, window_images, window_start = 0.0, 0, run_start  # what the progress bar shows, every logging_steps
     unlabelled_batches = 0
-    while step < args.max_steps:
+    while step < length.steps:
         step_samples = [next(micro_batches) for _ in range(args.gradient_accumulation_steps)]
         step_ids = [sample["id"] for samples in step_samples for sample in samples]
         step_lr = optimizer.param_groups[-1]["lr"]
@@ -468,16 +483,18 @@ def train(args: TrainArguments) -> dict:
         if args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
+        if length.minutes is not None:  # re-plan before the scheduler reads the plan for the next step's lr
+            progress.total = replan(length, step + 1, accelerator)
         scheduler.step()
         optimizer.zero_grad()
         step += 1
         if anneal:
-            set_mask_annealing(unwrapped, step, args.max_steps)
+            set_mask_annealing(unwrapped, step, length.steps)
         if sample_log:
             sample_log.write(json.dumps({"step": step, "ids": step_ids, "lr": step_lr}) + "\n")
             sample_log.flush()
         progress.update(1)
-        if step % args.logging_steps == 0 or step == args.max_steps:
+        if step % args.logging_steps == 0 or step >= length.steps:
             loss_mean = accelerator.reduce(torch.tensor(window_loss, device=accelerator.device), "mean").item()
             images = accelerator.reduce(torch.tensor(window_images, device=accelerator.device), "sum").item()
             elapsed = time.perf_counter() - window_start
@@ -485,12 +502,14 @@ def train(args: TrainArguments) -> dict:
             progress.set_postfix(loss=f"{loss_mean / steps_done:.3f}", img_s=f"{images / elapsed:.1f}",
                                  lr=f"{scheduler.get_last_lr()[-1]:.2e}", unlabelled_batches=unlabelled_batches)
             window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
-        if args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
+        if args.eval_steps and step % args.eval_steps == 0 and step < length.steps:
             scores = run_eval()
             accelerator.print(f"\nstep {step}: mIoU {100 * scores['mean_iou']:.2f} on {scores['num_images']} images")
         if args.save_steps and step % args.save_steps == 0:
-            save_checkpoint(accelerator, stream, output_dir, step, args.checkpoints_total_limit, args.max_steps)
+            save_checkpoint(accelerator, stream, output_dir, step, args.checkpoints_total_limit, length.steps,
+                            length.elapsed())
     progress.close()
+    train_seconds = length.elapsed()
     micro_batches.close()  # ends the stream's reader now rather than at interpreter exit
     steps_per_second = (step - start_step) / (time.perf_counter() - run_start)
     if sample_log:
@@ -507,9 +526,10 @@ def train(args: TrainArguments) -> dict:
         unwrapped.save_pretrained(output_dir / "model")
         processor.save_pretrained(output_dir / "model")
         results = {"metrics": metrics, "steps": step, "steps_per_second": steps_per_second,
+                   "train_seconds": train_seconds,
                    "num_processes": accelerator.num_processes, "training_args": asdict(args),
                    "transformers_version": transformers.__version__}
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     return {"model": unwrapped, "processor": processor, "metrics": metrics, "output_dir": output_dir,
-            "steps_per_second": steps_per_second}
+            "steps": step, "steps_per_second": steps_per_second, "train_seconds": train_seconds}

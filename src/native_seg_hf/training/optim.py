@@ -11,9 +11,15 @@ with `backbone_warmup_steps` > 0 the backbone stays frozen (lr 0) during that wa
 `backbone_warmup_steps` (two-stage warm-up), else it warms up with the rest. After its warm-up each group decays
 polynomially, `(1 - t' / T') ** power`, t' and T' counted from the end of its own warm-up to `total_steps`.
 Weight decay applies to every parameter, as in EoMT.
+
+Run length (`RunLength`): a fixed number of steps, or a time budget, where the number of steps is re-planned after
+every step from the pace of the whole run so far and the schedule runs to the current plan.
 """
 
+import math
 import re
+import time
+from collections.abc import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -69,13 +75,54 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, power: float = 0.9
     return max(0.0, 1 - (step - start) / max(1, total_steps - start)) ** power
 
 
-def create_scheduler(optimizer, total_steps: int, warmup_steps: int = 0, backbone_warmup_steps: int = 0,
-                     power: float = 0.9) -> LambdaLR:
+def create_scheduler(optimizer, total_steps: int | Callable[[], int], warmup_steps: int = 0,
+                     backbone_warmup_steps: int = 0, power: float = 0.9) -> LambdaLR:
     """One `LambdaLR` over every group: EoMT's two-stage warm-up when `backbone_warmup_steps` > 0 (module
-    docstring), one warm-up for all otherwise."""
+    docstring), one warm-up for all otherwise. `total_steps` may be a function giving the current plan
+    (`RunLength.steps` of a run with a time budget), read at every step."""
+    total = total_steps if callable(total_steps) else lambda: total_steps
+
     def schedule(is_backbone: bool):
         if is_backbone and backbone_warmup_steps > 0:
-            return lambda step: lr_factor(step, backbone_warmup_steps, total_steps, power, delay=warmup_steps)
-        return lambda step: lr_factor(step, warmup_steps, total_steps, power)
+            return lambda step: lr_factor(step, backbone_warmup_steps, total(), power, delay=warmup_steps)
+        return lambda step: lr_factor(step, warmup_steps, total(), power)
 
     return LambdaLR(optimizer, [schedule(group["is_backbone"]) for group in optimizer.param_groups])
+
+
+class RunLength:
+    """How many optimizer steps a run has: `max_steps`, or, with a time budget of `minutes`, as many as fit in it.
+
+    With a budget the plan is re-made after every step from the pace of the whole run so far,
+    `steps = floor(step * budget / elapsed)` (capped by `max_steps`): every stall counts (the pause at the end of
+    each pass over a streamed dataset, evaluations, checkpoints), which a pace probe of a few steps at the start
+    cannot see, and a machine that slows down or speeds up midway moves the plan. The run stops when it reaches
+    the plan, that is once less time is left than its average step takes, so it ends within its budget whatever
+    the load. The lr schedule and mask annealing run to the current plan, so they end where the run ends; while the
+    pace holds, the plan holds too.
+
+    Args:
+        max_steps: the run's length without a budget, its cap with one.
+        minutes: the time budget, or None.
+    """
+
+    def __init__(self, max_steps: int, minutes: float | None = None):
+        self.max_steps, self.minutes = max_steps, minutes
+        self.steps = max_steps
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the run started (including the time of the run a checkpoint continues)."""
+        return time.perf_counter() - self.start
+
+    def resume(self, step: int, elapsed: float) -> None:
+        """Continue a run that spent `elapsed` seconds on its first `step` steps."""
+        self.start = time.perf_counter() - elapsed
+        self.update(step, elapsed)
+
+    def update(self, step: int, elapsed: float) -> int:
+        """Re-plan after `step` steps that took `elapsed` seconds (the same value in every process, so that all
+        of them stop together and keep the same lr); returns the plan."""
+        if self.minutes is not None and step > 0:
+            self.steps = min(self.max_steps, math.floor(step * self.minutes * 60 / max(elapsed, 1e-9)))
+        return self.steps
