@@ -191,8 +191,8 @@ def nearest_resize(label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _class_map(image: ImageGeometry, logits: torch.Tensor) -> torch.Tensor:
     """argmax over classes of logits (C, h, w) resampled to the original size, as an (H, W) int64 map, in row bands."""
     class_map = torch.empty(image.original, dtype=torch.long, device=logits.device)
-    for start, stop in row_bands(image.original[0], logits.shape[0] * image.original[1]):
-        class_map[start:stop] = image.to_original(logits[None], rows=(start, stop))[0].argmax(0)
+    for (start, stop), _, owner, _ in _pixel_owners(image, logits, prune=True):
+        class_map[start:stop] = owner
     return class_map
 
 
@@ -225,30 +225,34 @@ def _mask_statistics(image: ImageGeometry, logits: torch.Tensor, mask_threshold:
     return torch.cat(areas), torch.cat(mean_probs)
 
 
-def _pixel_owners(image: ImageGeometry, logits, scores, mask_threshold, prune: bool = False):
-    """Which of n queries, mask logits (n, h, w) and scores (n,), owns each pixel of `image`'s grid: the one with the
-    highest score x mask probability, ties to the first. Yields per row band `((start, stop), probs, owner, on)`:
-    the probabilities of the band's candidate queries (c, rows, W), the owner of each pixel (rows, W), and whether
-    the owner's own probability there is at least `mask_threshold`.
+def _pixel_owners(image: ImageGeometry, logits, scores=None, prune: bool = False):
+    """Which of n maps of logits (n, h, w) owns each pixel of `image`'s grid: the one whose resampled logit is the
+    highest (classes of a semantic map) or, given `scores` (n,), whose score x sigmoid(logit) is (panoptic queries);
+    ties go to the first. Yields per row band `((start, stop), resampled, owner, owner_logit)`: the resampled logits of
+    the band's candidate maps (c, rows, W), and for each pixel (rows, W) its owner and the owner's logit there.
 
-    With `prune`, a band resamples only the queries that can own one of its pixels (then `probs` has fewer than n
-    rows). A bilinear sample lies between the 2x2 cells it reads, so over such a square a query's score x probability
-    is at most its largest value there and at least its smallest; a query whose largest is below another's smallest
-    owns no pixel of the square."""
+    With `prune`, a band resamples only the maps that can own one of its pixels (then c < n). A bilinear sample lies
+    between the 2x2 cells it reads, and both rankings grow with the logit, so over such a square a map's value is at
+    most its largest there and at least its smallest: a map whose largest is below another's smallest owns none of the
+    square's pixels."""
+
+    def values(resampled, which):
+        return resampled if scores is None else scores[which, None, None] * resampled.sigmoid()
+
     n, h, w = logits.shape
     contenders = torch.ones((n, h), dtype=torch.bool, device=logits.device)  # (n, rows of squares)
     if prune:
-        values = F.pad((scores[:, None, None] * logits.sigmoid())[None], (0, 1, 0, 1), mode="replicate")
-        highest = F.max_pool2d(values, 2, stride=1)[0]  # (n, h, w), squares by their top-left cell
-        lowest = -F.max_pool2d(-values, 2, stride=1)[0]
-        contenders = (highest >= lowest.max(0).values * (1 - 1e-6)).any(2)  # a margin for rounding
+        cells = F.pad(values(logits.float(), slice(None))[None], (0, 1, 0, 1), mode="replicate")
+        highest = F.max_pool2d(cells, 2, stride=1)[0]  # (n, h, w), squares by their top-left cell
+        lowest = -F.max_pool2d(-cells, 2, stride=1)[0].max(0).values
+        contenders = (highest >= lowest - 1e-5 * lowest.abs()).any(2)  # the margin covers rounding
     square_rows = image.sample_positions(h, axis=0).floor().long()  # the row of squares each pixel row reads
     for start, stop in row_bands(image.original[0], n * image.original[1]):
         first, last = max(int(square_rows[start]) - 1, 0), min(int(square_rows[stop - 1]) + 1, h - 1)
         candidates = contenders[:, first : last + 1].any(1).nonzero()[:, 0]  # ascending, so ties stay with the first
-        probs = image.to_original(logits[None, candidates], rows=(start, stop))[0].sigmoid()
-        best = (scores[candidates, None, None] * probs).argmax(0)
-        yield (start, stop), probs, candidates[best], probs.gather(0, best[None])[0] >= mask_threshold
+        resampled = image.to_original(logits[None, candidates], rows=(start, stop))[0]
+        best = values(resampled, candidates).argmax(0)
+        yield (start, stop), resampled, candidates[best], resampled.gather(0, best[None])[0]
 
 
 def _panoptic_map(image: ImageGeometry, logits, scores, segment_of_query, segments, mask_threshold):
@@ -256,8 +260,8 @@ def _panoptic_map(image: ImageGeometry, logits, scores, segment_of_query, segmen
     owner's mask is on there, and then to that query's segment (`segment_of_query`, -1 for none). Segments that end
     up with no pixel are dropped. Returns the map and the remaining segments' infos, renumbered."""
     segmentation = torch.empty(image.original, dtype=torch.long, device=logits.device)
-    for (start, stop), _, owner, on in _pixel_owners(image, logits, scores, mask_threshold, prune=True):
-        segmentation[start:stop] = segment_of_query[torch.where(on, owner, len(scores))]
+    for (start, stop), _, owner, owner_logit in _pixel_owners(image, logits, scores, prune=True):
+        segmentation[start:stop] = segment_of_query[torch.where(owner_logit.sigmoid() >= mask_threshold, owner, len(scores))]
     areas = torch.bincount(segmentation.flatten() + 1, minlength=len(segments) + 1)[1:]
     if bool((areas == 0).any()):
         present = (areas > 0).nonzero()[:, 0]
@@ -676,8 +680,15 @@ class SeNaTraImageProcessor(PilBackend):
             queries, pair_query = (pairs // num_classes).unique(return_inverse=True)
             logits = mask_logits[i, queries].float()
             # Scores, and so which instances are kept, are measured at the resolution the model saw, a few queries at
-            # a time; only the kept instances are made at the original size.
-            areas, mask_scores = _mask_statistics(image.as_model_input(), logits, mask_threshold)
+            # a time; only the kept instances are made at the original size. A score is a class probability times a
+            # mean probability, at most 1, so pairs whose class probability is below `threshold` are not measured.
+            areas = torch.zeros(len(queries), dtype=torch.long, device=logits.device)
+            mask_scores = torch.zeros(len(queries), device=logits.device)
+            measured = pair_query[pair_probs >= threshold].unique()
+            if len(measured):
+                areas[measured], mask_scores[measured] = _mask_statistics(
+                    image.as_model_input(), logits[measured], mask_threshold
+                )
             scores = pair_probs * mask_scores[pair_query]
             keep = ((areas[pair_query] > 0) & (scores >= threshold)).nonzero()[:, 0]
             keep = keep[scores[keep].argsort(descending=True)]
@@ -753,10 +764,11 @@ class SeNaTraImageProcessor(PilBackend):
                 # Which queries make segments is decided at the resolution the model saw; only the map of segment ids
                 # is made at the original size.
                 owned_area, final_area, mask_area = torch.zeros((3, len(kept)), dtype=torch.long, device=logits.device)
-                for _, probs, owner, on in _pixel_owners(image.as_model_input(), logits, scores[i, kept], mask_threshold):
+                for _, resampled, owner, owner_logit in _pixel_owners(image.as_model_input(), logits, scores[i, kept]):
                     owned_area += torch.bincount(owner.flatten(), minlength=len(kept))
-                    final_area += torch.bincount(owner[on], minlength=len(kept))
-                    mask_area += (probs >= mask_threshold).sum((1, 2))  # every query is a candidate: no pruning here
+                    final_area += torch.bincount(owner[owner_logit.sigmoid() >= mask_threshold], minlength=len(kept))
+                    # Not pruned, so every query is resampled and its whole mask counted.
+                    mask_area += (resampled.sigmoid() >= mask_threshold).sum((1, 2))
                 segment_of_query, segments = self._merge_panoptic(
                     owned_area, final_area, mask_area, scores[i, kept], labels[i, kept], stuff,
                     overlap_mask_area_threshold,

@@ -1,0 +1,112 @@
+"""Post-processing of a large photo in bounded memory: a real photo resized to 4000x3000 through
+`pipeline("image-segmentation")` with a Nano universal model (100 queries, annealing finished), one subtask per
+fresh process so that each peak resident memory (the process's maximum resident set) is its own, plus the
+processor's instance and panoptic post-processing at threshold 0 (every candidate kept and painted).
+
+    python scripts/benchmark_post_processing.py [--width 4000 --height 3000] [--num_queries 100] [--threads 2]
+
+Writes results/post_processing.json (`cases`: seconds, peak GB and segments per case, and the command).
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+CASES = ["pipeline instance", "pipeline panoptic", "pipeline semantic", "instance threshold 0", "panoptic threshold 0"]
+
+
+def photo(width: int, height: int):
+    from PIL import Image
+    import numpy as np
+
+    paths = sorted((SHARED / "ade20k_sample" / "images").glob("*.jpg")) or sorted((ROOT / "tests" / "fixtures").glob("*.jpg"))
+    if not paths:
+        print("no photo found: using random pixels")
+        return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return Image.open(paths[0]).convert("RGB").resize((width, height), Image.BILINEAR)
+
+
+def run_case(case: str, model_dir: str, width: int, height: int) -> dict:
+    """One case in this (fresh) process: its time and the peak resident memory it reached."""
+    import torch
+    from transformers import pipeline
+
+    import native_seg_hf  # noqa: F401 (registers the model types)
+
+    segmenter = pipeline("image-segmentation", model=model_dir)
+    image = photo(width, height)
+    start = time.perf_counter()
+    if case.startswith("pipeline"):
+        answer = segmenter(image, subtask=case.split()[1])
+        segments = len(answer)
+    else:
+        inputs = segmenter.image_processor(images=image, return_tensors="pt")
+        with torch.inference_mode():
+            outputs = segmenter.model(**inputs)
+        post_process = getattr(segmenter.image_processor, f"post_process_{case.split()[0]}_segmentation")
+        options = {"return_binary_masks": False} if case.startswith("instance") else {}
+        [result] = post_process(outputs, [(height, width)], threshold=0.0, **options)
+        segments = len(result["segments_info"])
+    seconds = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports kB
+    return {"case": case, "seconds": round(seconds, 2), "peak_gb": round(peak_gb, 3), "segments": segments}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=int, default=4000)
+    parser.add_argument("--height", type=int, default=3000)
+    parser.add_argument("--num_queries", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=str(ROOT / "results" / "post_processing.json"))
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.case:
+        print(json.dumps(run_case(args.case, args.model, args.width, args.height)))
+        return
+
+    import native_seg_hf as ns
+
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        config = ns.SeNaTraConfig.from_preset("nano", num_labels=20, num_queries=args.num_queries)
+        model = ns.SeNaTraForUniversalSegmentation(config).eval()
+        model.attn_mask_probs.zero_()
+        model.save_pretrained(folder)
+        ns.SeNaTraImageProcessor.from_model_config(config).save_pretrained(folder)
+        for case in CASES:
+            command = [sys.executable, __file__, "--case", case, "--model", folder, "--width", str(args.width),
+                       "--height", str(args.height), "--threads", str(args.threads)]
+            finished = subprocess.run(command, capture_output=True, text=True, check=True)
+            results.append(json.loads(finished.stdout.strip().splitlines()[-1]))
+            print(f"{case:22s} {results[-1]['seconds']:6.2f} s  {results[-1]['peak_gb']:5.2f} GB peak  "
+                  f"{results[-1]['segments']} segments")
+
+    report = {
+        "benchmark": "post_processing",
+        "photo": f"{args.width}x{args.height}",
+        "model": f"SeNaTra-Nano universal, {args.num_queries} queries, random init, annealing finished",
+        "threads": args.threads,
+        "cases": results,
+        "command": " ".join(["python", "scripts/benchmark_post_processing.py", *sys.argv[1:]]),
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
