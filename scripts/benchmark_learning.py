@@ -1,0 +1,76 @@
+"""Learning-quality benchmark (logic in `native_seg_hf.training.learning`): train models from random initialisation
+with one shared recipe and record validation mIoU by step, one JSON per run under results/learning/.
+
+    # runs (skipped where their JSON exists, so a campaign spreads over sittings)
+    python scripts/benchmark_learning.py --models senatra senatra-none segformer-b0 --recipe camvid-main --seeds 0 1
+    # an ablation variant: config overrides, recorded in the run's name
+    python scripts/benchmark_learning.py --models senatra --override '{"grouping_iterations": 2}' --steps 500
+    # seconds per training step, the models' steps alternated on the same batches in one process
+    python scripts/benchmark_learning.py --time --models senatra senatra-none segformer-b0 --recipe camvid-main
+    # the README's results table, from the JSON files only
+    python scripts/benchmark_learning.py --render
+
+The dataset defaults to the prepared CamVid folder (scripts/prepare_data.py camvid).
+"""
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from native_seg_hf.training.learning import MODEL_BUILDERS, RECIPES, RunSpec, hardware, time_models, train_and_evaluate
+from native_seg_hf.training.learning_report import render_readme_table
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATASET = Path.home() / ".cache" / "native_seg_hf" / "data" / "camvid"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["senatra", "senatra-none", "segformer-b0"],
+                        choices=sorted(MODEL_BUILDERS))
+    parser.add_argument("--recipe", default="camvid-main", choices=sorted(RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--steps", type=int, help="stop after this many steps (default: the recipe's schedule)")
+    parser.add_argument("--override", default="{}", help="JSON of config fields for an ablation variant")
+    parser.add_argument("--dataset", default=str(DEFAULT_DATASET))
+    parser.add_argument("--results", type=Path, default=ROOT / "results" / "learning")
+    parser.add_argument("--save_models", type=Path, help="also save each trained model in this folder (one per run)")
+    parser.add_argument("--threads", type=int, help="torch threads (one each when two runs share 2 cores)")
+    parser.add_argument("--time", action="store_true", help="time alternated training steps instead of training")
+    parser.add_argument("--time_steps", type=int, default=6)
+    parser.add_argument("--render", action="store_true", help="write the README table from results/learning")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.render:
+        render_readme_table(args.results, ROOT / "README.md")
+        return
+    if not Path(args.dataset).is_dir():
+        sys.exit(f"{args.dataset} is not a prepared dataset folder: run `python scripts/prepare_data.py camvid`")
+    command = "python " + shlex.join(["scripts/benchmark_learning.py", *sys.argv[1:]])
+    if args.time:
+        seconds = time_models(args.models, args.recipe, args.dataset, steps=args.time_steps)
+        record = {"recipe": args.recipe, "seconds_per_step": seconds, "steps_timed": args.time_steps,
+                  "command": command, "hardware": hardware()}
+        out = args.results / "timing" / f"{args.recipe}__{'+'.join(args.models)}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1))
+        print(json.dumps(seconds, indent=1))
+        return
+    overrides = json.loads(args.override)
+    for seed in args.seeds:
+        for model in args.models:
+            spec = RunSpec(model, args.recipe, seed, args.steps, overrides)
+            if spec.path(args.results).exists():
+                print(f"skip {spec.path(args.results).name}: already measured")
+                continue
+            save_to = args.save_models / spec.path(args.results).stem if args.save_models else None
+            train_and_evaluate(spec, args.dataset, args.results, command, save_model=save_to)
+
+
+if __name__ == "__main__":
+    main()

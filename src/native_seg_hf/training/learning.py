@@ -1,0 +1,346 @@
+"""Learning-quality benchmark: train semantic segmentation models from random initialisation with ONE shared recipe
+and score them on the validation split at the labels' original size.
+
+A *recipe* fixes everything but the model: crops, augmentation, batch, optimizer, schedule, evaluation size and
+how often to evaluate. With the same recipe and seed every model sees the same batches (the same images, crops,
+flips and jitter, in the same order), so curves differ only by the model. One run writes one JSON
+(`run_record`): model, recipe, seed, validation mIoU by step (percent), per-class IoU, parameters, GFLOPs at the
+evaluation size, step time, the command, the commit and the hardware. `scripts/benchmark_learning.py` is the
+command line; `--render` writes the README's table from those files only.
+
+Models (`MODEL_BUILDERS`): `senatra` (SeNaTra-Nano, native semantic head, grouping local/local/dense),
+`senatra-none` (the same with strided-conv downsampling, the paper's ablation), `segformer-b0` (Transformers'
+`SegformerForSemanticSegmentation`, B0 size), `segmenter-linear` (Segmenter's linear decoder on a small
+Transformers Dinov2 ViT). Config overrides (`overrides`) give ablation variants, recorded in the run's name.
+
+Data are held in memory, decoded once (CamVid is 367 + 101 images): the benchmark measures learning, not input
+pipelines.
+"""
+
+import json
+import math
+import platform
+import random
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Dinov2Config, SegformerConfig, SegformerForSemanticSegmentation
+
+from ..metrics import MeanIoU
+from ..models.configuration_segmenter import SegmenterConfig
+from ..models.configuration_senatra import SeNaTraConfig
+from ..models.modeling_segmenter import SegmenterForSemanticSegmentation
+from ..models.modeling_senatra import SeNaTraForSemanticSegmentation
+from .data import Augmentation, SampleDecoder, load_id2label, load_split
+from .optim import create_optimizer, create_scheduler
+
+IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet's, as every model's processor uses
+IMAGE_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+INPUT_DIVISOR = 32  # every model here takes sides that are multiples of 32 (SeNaTra's last stride)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One shared training and evaluation recipe.
+
+    Args:
+        crop: (height, width) of the training crops.
+        base_short_side: the training image's short side before random scaling (None: its own size).
+        scale_range: random scale factor range; `flip` horizontal flips; `jitter` photometric jitter.
+        batch_size, learning_rate, weight_decay: AdamW's (betas 0.9/0.999), one lr for every parameter.
+        warmup_steps, schedule_steps, poly_power: linear warm-up, then polynomial decay to 0 at `schedule_steps`.
+        max_grad_norm: gradient clipping.
+        eval_short_side: validation images are resized to this short side (padded to a multiple of 32), and the
+            predictions are resized back to the labels' original size to be scored.
+        eval_every: evaluate after every this many steps.
+    """
+
+    crop: tuple[int, int]
+    base_short_side: int | None
+    scale_range: tuple[float, float]
+    jitter: bool
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    schedule_steps: int
+    eval_short_side: int
+    eval_every: int
+    poly_power: float = 0.9
+    max_grad_norm: float = 1.0
+
+
+RECIPES = {
+    # The main job's recipe (scripts/main_job.py): 128x160 crops of half-size CamVid, scored at 480x360.
+    "camvid-main": Recipe(crop=(128, 160), base_short_side=180, scale_range=(0.5, 2.0), jitter=True, batch_size=8,
+                          learning_rate=4e-4, weight_decay=0.05, warmup_steps=50, schedule_steps=2000,
+                          eval_short_side=180, eval_every=250),
+    # SegFormer-B0's recipe from the issue: 256x352 crops of full-size CamVid, validation resized to 352x480.
+    "camvid-full": Recipe(crop=(256, 352), base_short_side=None, scale_range=(0.5, 1.5), jitter=False, batch_size=8,
+                          learning_rate=6e-4, weight_decay=0.01, warmup_steps=100, schedule_steps=2000,
+                          eval_short_side=352, eval_every=250),
+    # A few steps on whatever data is there (the bundled fixture in tests): checks the machinery, not learning.
+    "smoke": Recipe(crop=(64, 96), base_short_side=96, scale_range=(0.8, 1.2), jitter=True, batch_size=2,
+                    learning_rate=4e-4, weight_decay=0.05, warmup_steps=1, schedule_steps=4, eval_short_side=64,
+                    eval_every=2),
+}
+
+
+def senatra_builder(preset: str, grouping: str | None = None):
+    def build(num_labels: int, overrides: dict) -> torch.nn.Module:
+        extra = {"grouping_types": [grouping] * 3} if grouping else {}
+        return SeNaTraForSemanticSegmentation(SeNaTraConfig.from_preset(preset, num_labels=num_labels,
+                                                                        **{**extra, **overrides}))
+    return build
+
+
+def segformer_b0(num_labels: int, overrides: dict) -> torch.nn.Module:
+    # SegformerConfig's defaults are the B0 size (widths 32/64/160/256, depths 2/2/2/2, decoder 256).
+    return SegformerForSemanticSegmentation(SegformerConfig(num_labels=num_labels, semantic_loss_ignore_index=255,
+                                                            **overrides))
+
+
+def segmenter_linear(num_labels: int, overrides: dict) -> torch.nn.Module:
+    # A ViT-Ti-sized Dinov2 (192 wide, 12 blocks, 3 heads, patch 16): the smallest ViT Segmenter reports.
+    backbone = Dinov2Config(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, patch_size=16,
+                            image_size=224, out_features=["stage12"])
+    return SegmenterForSemanticSegmentation(SegmenterConfig(backbone_config=backbone, decoder_type="linear",
+                                                            num_labels=num_labels, **overrides))
+
+
+MODEL_BUILDERS = {
+    "senatra": senatra_builder("nano"),
+    "senatra-none": senatra_builder("nano", "none"),
+    "segformer-b0": segformer_b0,
+    "segmenter-linear": segmenter_linear,
+}
+
+
+def run_name(model: str, overrides: dict) -> str:
+    """`model`, or `model[key=value,...]` for an ablation variant (so it never mixes with the model's own runs)."""
+    if not overrides:
+        return model
+    return model + "[" + ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(overrides.items())) + "]"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: decoded once, batches drawn deterministically from (seed, step).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_samples(dataset: str | Path, split: str) -> list[dict]:
+    """Every readable sample of a split as {"id", "image" (PIL RGB), "label" (H, W) uint8}, in the split's order.
+
+    Streams the folder (no `datasets` cache is written)."""
+    decoder = SampleDecoder(id_column="id")
+    samples = [decoder(record) for record in load_split(dataset, split, ["image", "label"], streaming=True)]
+    samples = [sample for sample in samples if sample is not None]
+    if not samples:
+        raise ValueError(f"{dataset} split {split!r} has no readable samples")
+    return samples
+
+
+def normalise(images: list[np.ndarray]) -> torch.Tensor:
+    """(B, H, W, 3) uint8 images -> (B, 3, H, W) float, ImageNet mean/std."""
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    return (pixels - IMAGE_MEAN) / IMAGE_STD
+
+
+class BatchSource:
+    """The recipe's training batches: passes over the data in a seeded random order, each sample augmented with
+    a generator seeded by (seed, pass, position), so batch `step` is the same for every model and every run."""
+
+    def __init__(self, samples: list[dict], recipe: Recipe, seed: int):
+        self.samples, self.recipe, self.seed = samples, recipe, seed
+        self.augmentation = Augmentation(recipe.crop, recipe.base_short_side, recipe.scale_range, recipe.jitter)
+
+    def batch(self, step: int) -> dict:
+        images, labels = [], []
+        for index in range(step * self.recipe.batch_size, (step + 1) * self.recipe.batch_size):
+            epoch, position = divmod(index, len(self.samples))
+            order = list(range(len(self.samples)))
+            random.Random(self.seed * 100_003 + epoch).shuffle(order)
+            sample = self.samples[order[position]]
+            rng = random.Random((self.seed * 100_003 + epoch) * 1_000_003 + position)
+            image, label, _ = self.augmentation(sample["image"], sample["label"], None, rng)
+            images.append(np.asarray(image))
+            labels.append(label)
+        return {"pixel_values": normalise(images), "labels": torch.from_numpy(np.stack(labels)).long()}
+
+
+def eval_inputs(image: Image.Image, short_side: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An evaluation image resized to `short_side`, normalised and zero-padded (bottom/right) to a multiple of 32;
+    returns the pixels and the resized (height, width) to crop the predictions back to."""
+    factor = short_side / min(image.size)
+    width, height = round(image.width * factor), round(image.height * factor)
+    pixels = normalise([np.asarray(image.resize((width, height), Image.BILINEAR))])
+    pad_h, pad_w = -height % INPUT_DIVISOR, -width % INPUT_DIVISOR
+    return F.pad(pixels, (0, pad_w, 0, pad_h)), (height, width)
+
+
+@torch.no_grad()
+def evaluate_semantic(model, samples: list[dict], num_labels: int, short_side: int) -> dict:
+    """Mean IoU (percent) and per-class IoU over `samples`, predictions scored at each label's own size."""
+    model.eval()
+    metric = MeanIoU(num_labels=num_labels, ignore_index=255)
+    for sample in samples:
+        pixels, (height, width) = eval_inputs(sample["image"], short_side)
+        logits = model(pixel_values=pixels).logits
+        # Keep the part of the logits that covers the image (not the padding), then resize to the label.
+        scale_h, scale_w = logits.shape[-2] / pixels.shape[-2], logits.shape[-1] / pixels.shape[-1]
+        logits = logits[..., : math.ceil(height * scale_h), : math.ceil(width * scale_w)]
+        logits = F.interpolate(logits, size=sample["label"].shape, mode="bilinear", align_corners=False)
+        metric.update(logits.argmax(1)[0].numpy(), sample["label"])
+    result = metric.compute()
+    model.train()
+    return {"mean_iou": 100 * float(result["mean_iou"]),
+            "per_class_iou": [None if math.isnan(v) else 100 * float(v) for v in result["per_category_iou"]]}
+
+
+def gflops(model, short_side: int, image_size: tuple[int, int]) -> float:
+    """Forward GFLOPs (multiply-add = 2 FLOPs) of one evaluation-size image, counted by torch's FlopCounterMode."""
+    height, width = image_size
+    factor = short_side / min(height, width)
+    size = [math.ceil(round(s * factor) / INPUT_DIVISOR) * INPUT_DIVISOR for s in (height, width)]
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(pixel_values=torch.zeros(1, 3, *size))
+    model.train()
+    return counter.get_total_flops() / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One run.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model, recipe: Recipe):
+    optimizer = create_optimizer(model, recipe.learning_rate, weight_decay=recipe.weight_decay)
+    scheduler = create_scheduler(optimizer, recipe.schedule_steps, warmup_steps=recipe.warmup_steps,
+                                 power=recipe.poly_power)
+    return optimizer, scheduler
+
+
+def train_step(model, optimizer, scheduler, batch: dict, max_grad_norm: float) -> float:
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def hardware() -> dict:
+    return {"machine": platform.machine(), "processor": platform.processor() or None,
+            "torch_threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__}
+
+
+@dataclass
+class RunSpec:
+    model: str
+    recipe: str
+    seed: int = 0
+    steps: int | None = None  # default: the recipe's schedule length
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return run_name(self.model, self.overrides)
+
+    @property
+    def recipe_label(self) -> str:
+        """The recipe's name, marked when the run stops before the schedule ends (its lr never decayed to 0, so
+        it is not comparable with complete runs)."""
+        steps = self.steps or RECIPES[self.recipe].schedule_steps
+        return self.recipe if steps >= RECIPES[self.recipe].schedule_steps else f"{self.recipe}@{steps}"
+
+    def path(self, results: Path) -> Path:
+        safe = self.name.replace("/", "_").replace('"', "").replace(" ", "")
+        return results / f"{self.recipe_label}__{safe}__seed{self.seed}.json"
+
+
+def train_and_evaluate(spec: RunSpec, dataset: str | Path, results: Path, command: str, log=print,
+                       save_model: Path | None = None) -> dict:
+    """Train `spec.model` from random initialisation with the recipe, evaluating every `eval_every` steps, and
+    write its run record to `spec.path(results)` (through a `.partial` file while it runs); with `save_model`,
+    the trained model is saved there too (`save_pretrained`)."""
+    recipe = RECIPES[spec.recipe]
+    steps = spec.steps or recipe.schedule_steps
+    id2label = load_id2label(dataset)
+    train_samples, val_samples = load_samples(dataset, "train"), load_samples(dataset, "validation")
+    torch.manual_seed(spec.seed)
+    model = MODEL_BUILDERS[spec.model](len(id2label), spec.overrides)
+    model.train()
+    optimizer, scheduler = make_optimizer(model, recipe)
+    source = BatchSource(train_samples, recipe, spec.seed)
+    record = {
+        "model": spec.name, "base_model": spec.model, "overrides": spec.overrides, "recipe": spec.recipe_label,
+        "recipe_config": asdict(recipe), "seed": spec.seed, "steps": steps,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "gflops_at_eval_size": gflops(model, recipe.eval_short_side, val_samples[0]["label"].shape),
+        "eval_size_short_side": recipe.eval_short_side, "train_images": len(train_samples),
+        "val_images": len(val_samples), "id2label": {str(k): v for k, v in id2label.items()},
+        "val_miou_by_step": {}, "per_class_iou_by_step": {}, "train_loss_by_step": {},
+        "command": command, "commit": git_commit(), "hardware": hardware(), "dataset": str(dataset),
+    }
+    partial = spec.path(results).with_suffix(".partial")
+    results.mkdir(parents=True, exist_ok=True)
+    losses, train_seconds = [], 0.0  # evaluation time is not training time
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        losses.append(train_step(model, optimizer, scheduler, source.batch(step - 1), recipe.max_grad_norm))
+        train_seconds += time.perf_counter() - start
+        if step % recipe.eval_every == 0 or step == steps:
+            scores = evaluate_semantic(model, val_samples, len(id2label), recipe.eval_short_side)
+            record["val_miou_by_step"][str(step)] = round(scores["mean_iou"], 2)
+            record["per_class_iou_by_step"][str(step)] = scores["per_class_iou"]
+            record["train_loss_by_step"][str(step)] = round(float(np.mean(losses[-recipe.eval_every:])), 4)
+            record["train_seconds"] = round(train_seconds, 1)
+            record["seconds_per_step"] = round(train_seconds / step, 3)
+            partial.write_text(json.dumps(record, indent=1))
+            log(f"{spec.name} {spec.recipe} seed {spec.seed} step {step}: val mIoU {scores['mean_iou']:.1f}, "
+                f"train loss {record['train_loss_by_step'][str(step)]:.3f}, {train_seconds / step:.2f} s/step")
+    if save_model is not None:
+        model.save_pretrained(save_model)
+    partial.rename(spec.path(results))
+    return record
+
+
+def time_models(models: list[str], recipe_name: str, dataset: str | Path, steps: int = 6, seed: int = 0,
+                num_labels: int | None = None) -> dict:
+    """Seconds per training step of each model, measured by alternating their steps on the same batches in one
+    process (never compare times from separate runs on a shared machine). The first step of each is a warm-up."""
+    recipe = RECIPES[recipe_name]
+    samples = load_samples(dataset, "train")
+    num_labels = num_labels or len(load_id2label(dataset))
+    source = BatchSource(samples, recipe, seed)
+    runs = {}
+    for name in models:
+        torch.manual_seed(seed)
+        model = MODEL_BUILDERS[name](num_labels, {}).train()
+        runs[name] = (model, *make_optimizer(model, recipe))
+    times = {name: [] for name in models}
+    for step in range(steps + 1):
+        batch = source.batch(step)
+        for name, (model, optimizer, scheduler) in runs.items():
+            start = time.perf_counter()
+            train_step(model, optimizer, scheduler, batch, recipe.max_grad_norm)
+            if step:
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in times.items()}

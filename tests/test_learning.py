@@ -1,0 +1,126 @@
+"""The learning benchmark (scripts/benchmark_learning.py) and the grouping diagnosis, on a few steps of small data."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+import native_seg_hf as ns
+from native_seg_hf.training.diagnosis import assignment_statistics, gradient_statistics, label_bounds, majority_labels
+from native_seg_hf.training.learning import (
+    RECIPES, BatchSource, RunSpec, evaluate_semantic, load_samples, run_name, train_and_evaluate,
+)
+from native_seg_hf.training.learning_report import BEGIN, END, learning_table, render_readme_table
+from segmentation_datasets import camvid_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def camvid(tmp_path_factory):
+    return camvid_dataset(tmp_path_factory.mktemp("camvid"), max_images=2)
+
+
+def test_batches_depend_only_on_seed_and_step(camvid):
+    samples = load_samples(camvid, "train")
+    a, b = BatchSource(samples, RECIPES["smoke"], seed=0), BatchSource(samples, RECIPES["smoke"], seed=0)
+    other = BatchSource(samples, RECIPES["smoke"], seed=1)
+    for step in (0, 3):
+        first, second = a.batch(step), b.batch(step)
+        assert torch.equal(first["pixel_values"], second["pixel_values"]) and torch.equal(first["labels"], second["labels"])
+        assert first["pixel_values"].shape == (2, 3, *RECIPES["smoke"].crop)
+    assert not torch.equal(a.batch(0)["pixel_values"], other.batch(0)["pixel_values"])
+
+
+class LabelEcho(torch.nn.Module):
+    """A 'model' that predicts the label map it was built with, at stride 4: mIoU must be (close to) 100."""
+
+    def __init__(self, label):
+        super().__init__()
+        self.label = torch.from_numpy(np.array(label)).long()
+
+    def forward(self, pixel_values):
+        one_hot = torch.nn.functional.one_hot(self.label.clamp(max=10), 11).permute(2, 0, 1).float()[None]
+        height, width = pixel_values.shape[-2:]
+        # the 480x360 image, resized to 240x180, occupies the top-left of the padded input: place the label
+        # there, at stride 4 (45x60)
+        logits = torch.zeros(1, 11, height // 4, width // 4)
+        logits[..., :45, :60] = torch.nn.functional.interpolate(one_hot, size=(45, 60), mode="nearest")
+        return SemanticSegmenterOutput(logits=logits)
+
+
+def test_evaluation_scores_at_the_label_size_and_ignores_padding(camvid):
+    sample = load_samples(camvid, "validation")[0]
+    perfect = evaluate_semantic(LabelEcho(sample["label"]), [sample], num_labels=11, short_side=180)
+    # Stride-4 nearest sampling loses thin poles and signs, and void pixels echo as class 10: well below 100,
+    # but any misalignment of the crop (padding kept, wrong scale) costs far more, as a shift shows.
+    assert perfect["mean_iou"] > 55
+    shifted = LabelEcho(np.roll(sample["label"], 60, axis=1))
+    assert evaluate_semantic(shifted, [sample], num_labels=11, short_side=180)["mean_iou"] < perfect["mean_iou"] - 15
+
+
+def test_run_writes_a_record_the_check_reads(camvid, tmp_path):
+    spec = RunSpec("senatra", "smoke", seed=0)
+    record = train_and_evaluate(spec, camvid, tmp_path, "test", log=lambda *_: None, save_model=tmp_path / "model")
+    saved = json.loads(spec.path(tmp_path).read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert saved["model"] == "senatra" and saved["recipe"] == "smoke" and saved["seed"] == 0
+    assert set(saved["val_miou_by_step"]) == {"2", "4"}
+    assert all(0 <= v <= 100 for v in saved["val_miou_by_step"].values())
+    assert saved["parameters"] > 1e6 and saved["gflops_at_eval_size"] > 0 and saved["seconds_per_step"] > 0
+    assert len(saved["per_class_iou_by_step"]["4"]) == 11
+    assert not spec.path(tmp_path).with_suffix(".partial").exists()
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_truncated_runs_and_variants_are_named_apart():
+    assert RunSpec("senatra", "smoke", steps=2).recipe_label == "smoke@2"
+    assert RunSpec("senatra", "smoke").recipe_label == "smoke"
+    assert run_name("senatra", {"grouping_parent_bias": 0.0}) == "senatra[grouping_parent_bias=0.0]"
+    assert run_name("senatra", {}) == "senatra"
+
+
+def test_script_skips_measured_runs_and_renders_the_table(camvid, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    argv = ["benchmark_learning.py", "--models", "senatra-none", "--recipe", "smoke", "--dataset", str(camvid),
+            "--results", str(results)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "scripts" / "benchmark_learning.py"), run_name="__main__")
+    (path,) = results.glob("*.json")
+    before = path.stat().st_mtime_ns
+    runpy.run_path(str(ROOT / "scripts" / "benchmark_learning.py"), run_name="__main__")
+    assert "already measured" in capsys.readouterr().out and path.stat().st_mtime_ns == before
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\nold\n{END}\noutro\n")
+    render_readme_table(results, readme)
+    text = readme.read_text()
+    assert "old" not in text and "`senatra-none`" in text and text.startswith("intro") and text.endswith("outro\n")
+    assert learning_table([json.loads(path.read_text())]).count("| `senatra-none` | 0 |") == 1
+
+
+def test_diagnosis_measures_a_model(camvid):
+    torch.manual_seed(0)
+    model = ns.SeNaTraForSemanticSegmentation(ns.SeNaTraConfig.from_preset("nano", num_labels=11))
+    samples = load_samples(camvid, "validation")[:1]
+    batch = BatchSource(samples, RECIPES["smoke"], 0).batch(0)
+    stats = assignment_statistics(model, batch["pixel_values"])
+    assert [s["kind"] for s in stats] == ["local", "local", "dense"]
+    for level in stats:
+        assert 0 <= level["mean_entropy"] <= level["max_entropy"] + 1e-6
+        assert 1 <= min(level["groups_used_per_image"]) <= level["groups_possible"]
+    bounds = label_bounds(model, samples, 64, 11)
+    assert set(bounds) >= {"oracle_native", "oracle_grid", "soft", "hard"} and all(0 <= v <= 100 for v in bounds.values())
+    grads = gradient_statistics(model, batch)
+    assert grads["grouping.query"]["grad_norm"] > 0 and grads["head"]["grad_norm"] > 0
+
+
+def test_majority_labels_paint_each_segment_with_its_most_frequent_valid_label():
+    segments = np.array([[0, 0, 1], [0, 1, 1]])
+    label = np.array([[2, 2, 255], [3, 4, 4]])
+    assert majority_labels(segments, label, 5).tolist() == [[2, 2, 4], [2, 4, 4]]
