@@ -124,3 +124,30 @@ def test_majority_labels_paint_each_segment_with_its_most_frequent_valid_label()
     segments = np.array([[0, 0, 1], [0, 1, 1]])
     label = np.array([[2, 2, 255], [3, 4, 4]])
     assert majority_labels(segments, label, 5).tolist() == [[2, 2, 4], [2, 4, 4]]
+
+
+def load_script(name: str) -> dict:
+    return runpy.run_path(str(ROOT / "scripts" / name))
+
+
+def test_uniform_grid_matches_the_segment_count():
+    uniform_grid = load_script("benchmark_native_segments.py")["uniform_grid"]
+    for count in (1, 7, 48, 150, 600):
+        grid = uniform_grid(321, 481, count)
+        assert abs(len(np.unique(grid)) - count) <= max(1, 0.05 * count)
+        assert grid.shape == (321, 481)
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "bsds500" / "val").is_dir(),
+                    reason="../shared/data/bsds500 is absent: the native-segments benchmark needs BSDS500")
+def test_native_segments_benchmark_scores_every_level(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    ns.SeNaTraForSemanticSegmentation(ns.SeNaTraConfig.from_preset("nano", num_labels=11)).save_pretrained(tmp_path / "m")
+    out = tmp_path / "segments.json"
+    monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "m"), "--images", "1", "--short_side", "96", "--out", str(out)])
+    runpy.run_path(str(ROOT / "scripts" / "benchmark_native_segments.py"), run_name="__main__")
+    levels = json.loads(out.read_text())["levels"]
+    assert set(levels) == {"1", "2", "3"}
+    for scores in levels.values():
+        assert set(scores) == {"native", "uniform_grid", "slic"}
+        assert all(0 <= s["achievable_segmentation_accuracy"] <= 1 for s in scores.values())
