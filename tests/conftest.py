@@ -1,11 +1,29 @@
-"""Shared test helpers."""
+"""Shared test helpers, and caches of the test session's own."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
+
+# The whole test run (and every process it starts) keeps its Hugging Face caches in a temporary folder, never the
+# user's ~/.cache/huggingface: a 2-image test set named `camvid` cached there was once served to every later
+# non-streamed load of the real CamVid folder. Set here, at conftest import, before any test module imports
+# datasets, huggingface_hub or transformers, which read these variables when imported.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="native_seg_hf_tests_"))
+os.environ["HF_HOME"] = str(SESSION_CACHE / "hf_home")
+os.environ["HF_HUB_CACHE"] = str(SESSION_CACHE / "hf_home" / "hub")
+os.environ["HF_DATASETS_CACHE"] = str(SESSION_CACHE / "hf_datasets")
+os.environ["HF_MODULES_CACHE"] = str(SESSION_CACHE / "hf_home" / "modules")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+
 
 # Prepended to a script so that it runs as a user without this package would: any import of native_seg_hf
 # fails, so whatever loads must come from the remote code saved next to the weights.

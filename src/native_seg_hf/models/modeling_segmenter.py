@@ -246,7 +246,10 @@ class SegmenterForSemanticSegmentation(SegmenterPreTrainedModel):
             resized = logits
             if labels.shape[-2:] != logits.shape[-2:]:
                 resized = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(resized, labels.long(), ignore_index=ignore)
+            # The mean over labelled pixels, written as their sum over their count (at least 1) so that a batch
+            # with none gives 0, with its graph, instead of NaN.
+            labelled = (labels != ignore).sum().clamp(min=1)
+            loss = F.cross_entropy(resized, labels.long(), ignore_index=ignore, reduction="sum") / labelled
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 

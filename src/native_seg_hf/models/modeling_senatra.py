@@ -588,7 +588,10 @@ class SeNaTraForSemanticSegmentation(SeNaTraPreTrainedModel):
             ignore = self.config.semantic_loss_ignore_index
             check_semantic_labels(labels, logits.shape[0], self.config.num_labels, ignore)
             upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(upsampled, labels.long(), ignore_index=ignore)
+            # The mean over labelled pixels, written as their sum over their count (at least 1) so that a batch
+            # with none gives 0, with its graph, instead of NaN.
+            labelled = (labels != ignore).sum().clamp(min=1)
+            loss = F.cross_entropy(upsampled, labels.long(), ignore_index=ignore, reduction="sum") / labelled
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 

@@ -3,8 +3,8 @@ stream, augmentation and collation.
 
 Sources. `load_split(source, split)` is a single `datasets.load_dataset(source, split=...)` call, so a Hub dataset id
 (online) and a local folder of Parquet shards (offline, as `scripts/prepare_data.py` writes them: `data/<split>-*.parquet`
-plus `id2label.json`) go through the same code. Image and label columns are named by the caller and read as raw bytes
-(`Image(decode=False)`); decoding happens here, so a corrupt sample is skipped and counted instead of crashing, and
+plus `id2label.json`) go through the same code; a local folder gets a cache keyed by its path and content
+(`local_cache_dir`). Image and label columns are named by the caller and read as raw bytes (`Image(decode=False)`); decoding happens here, so a corrupt sample is skipped and counted instead of crashing, and
 replaying a stream position costs no decoding.
 
 Distribution: `TrainStream` splits the data between processes with `datasets.distributed.split_dataset_by_node`
@@ -18,6 +18,7 @@ shuffle is deterministic in (seed, epoch), so `TrainStream` saves (epoch, positi
 the pass's undecoded records up to `position`: every sample of the current pass is seen exactly once.
 """
 
+import hashlib
 import io
 import json
 import logging
@@ -26,6 +27,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import numpy as np
 from datasets import Image as ImageFeature
 from datasets import IterableDataset, load_dataset
@@ -45,11 +47,31 @@ def load_id2label(source: str | Path) -> dict[int, str]:
     return {int(key): name for key, name in json.loads(Path(path).read_text()).items()}
 
 
+def local_cache_dir(folder: Path) -> str:
+    """A `datasets` cache folder of a local dataset folder's own, named by its resolved path and the name, size and
+    modification time of each file in it.
+
+    `datasets` keys the cache entry of a local folder by the folder's name and its data-file patterns, not by its
+    location or content: two folders both called `camvid` (a 2-image test copy and the real set) share one entry,
+    and whichever was loaded first is served for both, without a word. Under this key a folder never gets
+    another folder's entry, nor its own older content.
+    """
+    folder = folder.resolve()
+    digest = hashlib.sha256(str(folder).encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"\0{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "native_seg_hf_local" / digest.hexdigest()[:32])
+
+
 def load_split(source: str | Path, split: str, columns: list[str], streaming: bool = True):
     """One split of a dataset (a Hub id or a local folder), with the given image-like `columns` left undecoded.
 
-    Returns an `IterableDataset` with `streaming`, else a `Dataset`."""
-    dataset = load_dataset(str(source), split=split, streaming=streaming)
+    Returns an `IterableDataset` with `streaming`, else a `Dataset`. A local folder loaded without streaming is
+    cached under its own path and content (`local_cache_dir`)."""
+    folder = Path(source)
+    cache_dir = local_cache_dir(folder) if folder.is_dir() and not streaming else None
+    dataset = load_dataset(str(source), split=split, streaming=streaming, cache_dir=cache_dir)
     missing = [column for column in columns if column not in dataset.column_names]
     if missing:
         raise ValueError(
