@@ -692,31 +692,36 @@ class SeNaTraImageProcessor(PilBackend):
             scores = pair_probs * mask_scores[pair_query]
             keep = ((areas[pair_query] > 0) & (scores >= threshold)).nonzero()[:, 0]
             keep = keep[scores[keep].argsort(descending=True)]
-            # Only the kept instances are resampled to the original size, each in the window where it can be on.
-            windows = {}
-            for query in pair_query[keep].unique().tolist():
-                windows[query] = _mask_window(image, logits[query], mask_threshold)
-            keep = [k for k in keep.tolist() if windows[int(pair_query[k])] is not None]
-            # Painted from the highest score down into pixels no instance has yet, so each pixel ends with the best
-            # instance covering it.
+            # Only the kept instances are resampled to the original size, each in the window where it can be on, and
+            # painted from the highest score down into pixels no instance has yet, so each pixel ends with the best
+            # instance covering it. A window is dropped once its query's last pair is painted, unless masks are asked.
             segmentation = torch.full(image.original, -1, dtype=torch.long, device=mask_logits.device)
-            for n, k in enumerate(keep):
-                rows, cols, window = windows[int(pair_query[k])]
-                painted = segmentation[rows[0] : rows[1], cols[0] : cols[1]]
-                painted.masked_fill_(window & (painted < 0), n)
-            result = {
-                "segmentation": segmentation,
-                "segments_info": [
-                    {"id": n, "label_id": int(pairs[k] % num_classes), "score": round(float(scores[k]), 6)}
-                    for n, k in enumerate(keep)
-                ],
-            }
-            if return_binary_masks:
-                instance_masks = torch.zeros((len(keep), *image.original), dtype=torch.bool, device=mask_logits.device)
-                for n, k in enumerate(keep):
-                    rows, cols, window = windows[int(pair_query[k])]
-                    instance_masks[n, rows[0] : rows[1], cols[0] : cols[1]] = window
-                result["masks"] = instance_masks
+            instance_masks = (
+                torch.zeros((len(keep), *image.original), dtype=torch.bool, device=mask_logits.device)
+                if return_binary_masks
+                else None
+            )
+            pairs_left = torch.bincount(pair_query[keep], minlength=len(queries)).tolist()
+            windows, infos = {}, []
+            for k in keep.tolist():
+                query = int(pair_query[k])
+                if query not in windows:
+                    windows[query] = _mask_window(image, logits[query], mask_threshold)
+                window = windows[query]
+                pairs_left[query] -= 1
+                if not pairs_left[query]:
+                    del windows[query]
+                if window is None:  # on at the resolution the model saw, but no pixel of the photo's is
+                    continue
+                (top, bottom), (left, right), mask = window
+                painted = segmentation[top:bottom, left:right]
+                painted.masked_fill_(mask & (painted < 0), len(infos))
+                if instance_masks is not None:
+                    instance_masks[len(infos), top:bottom, left:right] = mask
+                infos.append({"id": len(infos), "label_id": int(pairs[k] % num_classes), "score": round(float(scores[k]), 6)})
+            result = {"segmentation": segmentation, "segments_info": infos}
+            if instance_masks is not None:
+                result["masks"] = instance_masks[: len(infos)]
             results.append(result)
         return results
 
