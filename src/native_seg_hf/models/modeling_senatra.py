@@ -22,6 +22,7 @@ from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutputWithNoAttention, SemanticSegmenterOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES
 from scipy.optimize import linear_sum_assignment
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerHungarianMatcher,
@@ -250,12 +251,15 @@ class SeNaTraGroupingLayer(nn.Module):
     Output tokens are initialised by a 3x3 stride-2 convolution (+ LayerNorm; with `kind="none"` that is
     all there is: NAT's downsampler, the paper's "uniform downsampling" ablation), then refined
     `grouping_iterations` times:
-        logits  = (q(LN(X_out)) / sqrt(d)) . k(LN(X_in)) + relative position bias   (restricted for "local")
+        logits  = s cos(q(LN(X_out)), k(LN(X_in))) + relative position bias   (restricted for "local")
         A_ups   = softmax over output tokens, per input token
         X_out  += A_down^T v(LN(X_in))       with A_down = A_ups / column sums (a weighted mean)
         X_out  += MLP(LN(X_out))
     "local": each input token may join only the 9 output tokens around its parent cell (memory linear in
-    the number of tokens); "dense": any output token.
+    the number of tokens); "dense": any output token. s is a learnable inverse temperature
+    (`grouping_logit_scale`; with None the logits are q.k / sqrt(d)), and the bias starts with
+    `grouping_parent_bias` on the parent cell, so a new layer behaves like strided downsampling and learns
+    from there where boundaries should move (README: "Does grouping earn its place?").
     """
 
     def __init__(self, config: SeNaTraConfig, in_dim: int, out_dim: int, kind: str):
@@ -928,6 +932,17 @@ class SeNaTraBackbone(BackboneMixin, SeNaTraPreTrainedModel):
         all_hidden = tuple(h.permute(0, 3, 1, 2) for h in hidden_states) if output_hidden_states else None
         return SeNaTraBackboneOutput(feature_maps=feature_maps, hidden_states=all_hidden, assignments=tuple(assignments))
 
+
+# pipeline("image-segmentation") checks a model's class name against transformers' own name tables (merged by model
+# type), not against the classes registered with the Auto classes, and otherwise logs "not supported for
+# image-segmentation" for every pipeline it builds. Registered here, in the module that remote code loads too, so
+# that holds with `trust_remote_code=True` as after `import native_seg_hf`. The tables also back the lazy Auto
+# mappings, which only read entries of model types in transformers' config table (ours are not): these entries
+# serve the pipeline's check alone.
+MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES[SeNaTraConfig.model_type] = (
+    SeNaTraForSemanticSegmentation.__name__,
+    SeNaTraForUniversalSegmentation.__name__,
+)
 
 __all__ = [
     "SeNaTraPreTrainedModel",
