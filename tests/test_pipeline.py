@@ -178,3 +178,4 @@ def test_pipeline_from_remote_code_without_the_package(tmp_path, run_without_pac
     assert os.path.isfile(os.path.join(folder, "image_processing_senatra.py"))
     run = run_without_package(REMOTE_PIPELINE, folder, PHOTOS[0])
     assert run.stdout.split()[0] == "SeNaTraForSemanticSegmentation"
+    assert "not supported" not in run.stderr  # the remote modeling code names its classes for the pipeline too

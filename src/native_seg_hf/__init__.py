@@ -16,7 +16,6 @@ from transformers import (
     AutoModelForUniversalSegmentation,
     AutoProcessor,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .models.configuration_segmenter import SegmenterConfig
@@ -66,15 +65,6 @@ _register(
     SegmenterConfig,
     {AutoModel: SegmenterForSemanticSegmentation, AutoModelForSemanticSegmentation: SegmenterForSemanticSegmentation},
 )
-# pipeline("image-segmentation") checks a model's class name against transformers' own name tables (merged by model
-# type), not against the classes registered above, and otherwise logs "not supported for image-segmentation" for
-# every pipeline it builds. The tables also back the lazy Auto mappings, but those only read entries of model types in transformers'
-# config table, which ours are not: these entries serve the pipeline's check alone.
-MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES[SeNaTraConfig.model_type] = (
-    SeNaTraForSemanticSegmentation.__name__,
-    SeNaTraForUniversalSegmentation.__name__,
-)
-MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES[SegmenterConfig.model_type] = (SegmenterForSemanticSegmentation.__name__,)
 # One processor for both model types; PIL/numpy only, as torchvision may be absent.
 for _config_class in (SeNaTraConfig, SegmenterConfig):
     AutoImageProcessor.register(_config_class, image_processor_classes={"pil": SeNaTraImageProcessor}, exist_ok=True)

@@ -22,6 +22,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES
 from transformers.utils import can_return_tuple
 
 from .configuration_segmenter import SegmenterConfig
@@ -252,5 +253,8 @@ class SegmenterForSemanticSegmentation(SegmenterPreTrainedModel):
             loss = F.cross_entropy(resized, labels.long(), ignore_index=ignore, reduction="sum") / labelled
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
+
+# Named for pipeline("image-segmentation")'s check, as in modeling_senatra.py (which says why).
+MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES[SegmenterConfig.model_type] = (SegmenterForSemanticSegmentation.__name__,)
 
 __all__ = ["SegmenterPreTrainedModel", "SegmenterForSemanticSegmentation"]
