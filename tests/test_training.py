@@ -4,6 +4,7 @@ Trainer fine-tuning on real CamVid images with the loss scaled right under gradi
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -178,22 +179,50 @@ def steps_and_ids(path: Path) -> dict[int, list[str]]:
     return steps
 
 
-def test_kill_9_and_resume_continue_the_same_run(tmp_path):
+# Runs scripts/train.py (argv[1:]) and SIGKILLs it right after `accelerator.save_state` has written the checkpoint
+# of step KILL_WHILE_SAVING, before the stream positions and the step file: a kill in the middle of a save.
+KILL_WHILE_SAVING = textwrap.dedent(
+    """
+    import os, runpy, signal, sys
+    from accelerate import Accelerator
+    save_state = Accelerator.save_state
+    def save_state_then_die(self, output_dir=None, **kwargs):
+        result = save_state(self, output_dir, **kwargs)
+        if str(output_dir).endswith("step_" + os.environ["KILL_WHILE_SAVING"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    Accelerator.save_state = save_state_then_die
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+
+
+def test_kill_9_at_any_point_and_resume_continue_the_same_run(tmp_path):
+    """Killed in the middle of writing checkpoint 3, resumed, killed again at some moment after checkpoint 6,
+    resumed to the end: the same samples at every step and the same final weights as an uninterrupted run."""
     dataset = synthetic_dataset(tmp_path / "d", train=12, validation=2, size=(96, 128))
     # 12 samples in batches of 2: a pass is 6 steps; the run goes into the second pass
     args = run_args(tmp_path, dataset, max_steps=9, save_steps=1, checkpoints_total_limit=3, sample_log=True,
                     crop_height=64, crop_width=96, eval_split="")
     reference = train(TrainArguments(**{**asdict(args), "output_dir": str(tmp_path / "reference"), "save_steps": 0}))
     command = [sys.executable, str(ROOT / "scripts" / "train.py"), *cli(args)]
-    run = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    checkpoint = Path(args.output_dir) / "checkpoints" / "step_4" / "trainer_state.json"
-    while not checkpoint.exists() and run.poll() is None:
+    checkpoints = Path(args.output_dir) / "checkpoints"
+
+    killed_while_saving = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING, *command[1:]],
+                                         env={**ENV, "KILL_WHILE_SAVING": "3"}, capture_output=True, text=True)
+    assert killed_while_saving.returncode == -signal.SIGKILL, killed_while_saving.stderr[-2000:]
+    assert not (checkpoints / "step_3").exists() and (checkpoints / ".tmp_step_3").is_dir()
+
+    resume = command + ["--resume_from_checkpoint", "latest"]
+    run = subprocess.Popen(resume, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (checkpoints / "step_6" / "trainer_state.json").exists() and run.poll() is None:
         time.sleep(0.02)
-    os.kill(run.pid, signal.SIGKILL)
+    os.kill(run.pid, signal.SIGKILL)  # wherever it is: mid-step, mid-save or between the two
     run.wait()
     assert run.returncode == -signal.SIGKILL, run.stderr.read()[-2000:]  # killed mid-run, not finished
     assert not (Path(args.output_dir) / "model").exists()
-    resumed = subprocess.run(command + ["--resume_from_checkpoint", "latest"], env=ENV, capture_output=True, text=True)
+    resumed = subprocess.run(resume, env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
 
@@ -205,6 +234,7 @@ def test_kill_9_and_resume_continue_the_same_run(tmp_path):
     for name, value in reference["model"].state_dict().items():
         if name in weights:
             torch.testing.assert_close(weights[name], value, msg=name)
+    assert [f.name for f in checkpoints.glob("step_*")] and len(list(checkpoints.glob("step_*"))) == 3
 
 
 def test_accelerate_launch_two_processes(tmp_path):
@@ -225,6 +255,82 @@ def test_accelerate_launch_two_processes(tmp_path):
     results = json.loads((output / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["metrics"]["num_images"] == 3
     assert {p.name for p in (output / "checkpoints" / "step_3").glob("stream_*.json")} == {"stream_0.json", "stream_1.json"}
+    # resuming with another number of processes would split the stream differently: refused, naming both counts
+    with pytest.raises(ValueError, match="written by 2 processes and this run has 1"):
+        train(TrainArguments(**{**asdict(args), "max_steps": 4, "resume_from_checkpoint": "latest"}))
+
+
+# One optimizer step on a fixed global batch of 4 images, split between the processes (`python` or `accelerate
+# launch`); saves the loss (mean over processes) and the gradients (DDP-averaged) of a semantic and a universal model.
+ONE_STEP = textwrap.dedent(
+    """
+    import sys
+    import numpy as np, torch
+    from PIL import Image
+    from accelerate import Accelerator
+    import native_seg_hf as ns
+    from native_seg_hf.training.loop import train_step
+
+    CONFIG = dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 2], num_heads=[1, 2, 3, 4], attention_kernel_size=3,
+                  head_hidden_size=32, drop_path_rate=0.0, num_labels=3, num_queries=6, num_blocks=1, train_num_points=64)
+    # fixed points for the mask losses and the matcher instead of random ones, which differ with the split
+    GRID = torch.stack(torch.meshgrid(*[torch.linspace(0.05, 0.95, 8)] * 2, indexing="xy"), -1).reshape(1, 64, 2)
+
+    def global_batch():
+        # every image holds the 3 classes (so each process has as many target masks), and a different number of
+        # labelled pixels (so a plain mean of the processes' means is not the global mean)
+        rng, samples = np.random.default_rng(0), []
+        for i in range(4):
+            label = np.zeros((64, 64), np.uint8)
+            label[:, 21:], label[:, 42:] = 1, 2
+            label[: 4 + 12 * i] = 255
+            image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+            samples.append({"id": str(i), "image": image, "label": label, "instance": None})
+        return samples
+
+    accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    results = {}
+    for kind, model_class, targets in (("semantic", ns.SeNaTraForSemanticSegmentation, "labels"),
+                                       ("universal", ns.SeNaTraForUniversalSegmentation, "class_masks")):
+        torch.manual_seed(0)
+        model = model_class(ns.SeNaTraConfig(**CONFIG))
+        if kind == "universal":
+            model.criterion.matcher.sample_coordinates = lambda device: GRID.to(device)
+            model.criterion.sample_points_using_uncertainty = (
+                lambda logits, *args: GRID.to(logits.device).expand(logits.shape[0], -1, -1))
+        processor = ns.SeNaTraImageProcessor.from_model_config(model.config)
+        model = accelerator.prepare(model)
+        share = global_batch()[rank * 4 // world : (rank + 1) * 4 // world]
+        loss, _ = train_step(model, [share], processor, accelerator, targets)
+        grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
+        results[kind] = {"loss": accelerator.reduce(torch.tensor(loss), "mean").item(), "grads": grads}
+    if accelerator.is_main_process:
+        torch.save(results, sys.argv[1])
+    """
+)
+
+
+def test_two_processes_compute_the_loss_and_gradients_of_one(tmp_path, monkeypatch):
+    """`accelerate launch` with 2 CPU processes, each with half of a global batch, gives the loss and gradients of
+    one process on the whole batch: semantic losses weighted by labelled pixels over every process (`train_step`),
+    universal mask losses normalised by the masks of every process (Transformers' get_num_masks made them 2x too
+    large on 2 processes)."""
+    script = tmp_path / "one_step.py"
+    script.write_text(ONE_STEP)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+               str(tmp_path / "two.pt")]
+    out = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "one.pt")])
+    runpy.run_path(str(script), run_name="__main__")  # the same step in this one process
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for kind in ("semantic", "universal"):
+        assert two[kind]["loss"] == pytest.approx(one[kind]["loss"], rel=1e-5), kind
+        assert two[kind]["grads"].keys() == one[kind]["grads"].keys()
+        for name, grad in one[kind]["grads"].items():
+            torch.testing.assert_close(two[kind]["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=f"{kind} {name}")
 
 
 # ---- Trainer ----
