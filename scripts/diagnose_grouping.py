@@ -1,6 +1,9 @@
 """What a trained SeNaTra's grouping does, measured (logic in `native_seg_hf.training.diagnosis`).
 
     python scripts/diagnose_grouping.py MODEL_DIR [MODEL_DIR ...] --out results/diagnosis/NAME.json
+    # freshly initialised SeNaTra-Nano models (seed 0), each a name and its config overrides
+    python scripts/diagnose_grouping.py --fresh 'as-built={"grouping_parent_bias": 0, "grouping_logit_scale": null}' \
+        --fresh 'default={}' --fresh 'none={"grouping_types": ["none", "none", "none"]}' --out results/diagnosis/init.json
 
 For each saved SeNaTraForSemanticSegmentation folder: assignment entropy, largest weights and groups used per
 level, at the evaluation size (validation images) and at the training crop size (the recipe's batches); oracle
@@ -15,16 +18,25 @@ from pathlib import Path
 
 import torch
 
+from native_seg_hf.models.configuration_senatra import SeNaTraConfig
 from native_seg_hf.models.modeling_senatra import SeNaTraForSemanticSegmentation
 from native_seg_hf.training.diagnosis import assignment_statistics, gradient_statistics, label_bounds
+from native_seg_hf.training.data import load_id2label
 from native_seg_hf.training.learning import RECIPES, BatchSource, eval_inputs, git_commit, hardware, load_samples
 
 DEFAULT_DATASET = Path.home() / ".cache" / "native_seg_hf" / "data" / "camvid"
 
 
+def fresh_model(overrides: dict, num_labels: int) -> SeNaTraForSemanticSegmentation:
+    torch.manual_seed(0)
+    return SeNaTraForSemanticSegmentation(SeNaTraConfig.from_preset("nano", num_labels=num_labels, **overrides))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("models", nargs="*", type=Path)
+    parser.add_argument("--fresh", action="append", default=[], metavar="NAME=JSON",
+                        help="also measure a newly initialised SeNaTra-Nano with these config overrides")
     parser.add_argument("--dataset", default=str(DEFAULT_DATASET))
     parser.add_argument("--recipe", default="camvid-main", choices=sorted(RECIPES))
     parser.add_argument("--images", type=int, default=20, help="validation images for the statistics")
@@ -37,8 +49,14 @@ def main():
     train_batch = BatchSource(load_samples(args.dataset, "train"), recipe, seed=123).batch(0)
     report = {"recipe": args.recipe, "images": len(val), "commit": git_commit(), "hardware": hardware(),
               "command": "python scripts/diagnose_grouping.py " + " ".join(sys.argv[1:]), "models": {}}
-    for folder in args.models:
-        model = SeNaTraForSemanticSegmentation.from_pretrained(folder).eval()
+    num_labels = len(load_id2label(args.dataset))
+    models = [(folder.name, lambda folder=folder: SeNaTraForSemanticSegmentation.from_pretrained(folder))
+              for folder in args.models]
+    for entry in args.fresh:
+        name, overrides = entry.split("=", 1)
+        models.append((name, lambda overrides=json.loads(overrides): fresh_model(overrides, num_labels)))
+    for name, load in models:
+        model = load().eval()
         eval_pixels = torch.cat([eval_inputs(s["image"], recipe.eval_short_side)[0] for s in val])
         entry = {
             "config": {k: getattr(model.config, k) for k in ("grouping_types", "grouping_parent_bias",
@@ -48,8 +66,8 @@ def main():
             "miou_bounds": label_bounds(model, val, recipe.eval_short_side, model.config.num_labels),
             "gradients": gradient_statistics(model.train(), train_batch),
         }
-        report["models"][folder.name] = entry
-        print(f"== {folder.name}")
+        report["models"][name] = entry
+        print(f"== {name}")
         for size in ("assignments_eval_size", "assignments_train_size"):
             for level in entry[size]:
                 used = level["groups_used_per_image"]
