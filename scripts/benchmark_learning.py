@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from native_seg_hf.training.learning import MODEL_BUILDERS, RECIPES, RunSpec, hardware, time_models, train_and_evaluate
+from native_seg_hf.training.learning import (
+    MODEL_BUILDERS, RECIPES, RunSpec, git_commit, hardware, time_models, train_and_evaluate,
+)
 from native_seg_hf.training.learning_report import render_readme_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +57,7 @@ def main():
     if args.time:
         seconds = time_models(args.models, args.recipe, args.dataset, steps=args.time_steps)
         record = {"recipe": args.recipe, "seconds_per_step": seconds, "steps_timed": args.time_steps,
-                  "command": command, "hardware": hardware()}
+                  "command": command, "commit": git_commit(), "hardware": hardware()}
         out = args.results / "timing" / f"{args.recipe}__{'+'.join(args.models)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1))
