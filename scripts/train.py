@@ -9,8 +9,11 @@ one process.) With the project's virtualenv, call .venv/bin/python and .venv/bin
 
 Models: senatra (native semantic head), senatra-universal and eomt (query models with mask annealing; tasks
 semantic, instance, panoptic), segmenter. The training split is streamed (--streaming, default on) and split
-between processes; checkpoints (--save_steps) hold the stream position, so --resume_from_checkpoint latest continues
-the same run with no sample skipped or repeated. --push_to_hub --hub_model_id NAME publishes the model, its
+between processes; checkpoints (--save_steps, written atomically) hold the stream position, so
+--resume_from_checkpoint latest continues the same run with no sample skipped or repeated (with the same number of
+processes), from the newest complete checkpoint even after a kill -9 mid-save. --model_name_or_path FOLDER
+fine-tunes a saved model on the dataset's labels (a new head where they differ; --change_head to start a SeNaTra
+task model from a checkpoint of another task, e.g. senatra-universal from a semantic model). --push_to_hub --hub_model_id NAME publishes the model, its
 processor, remote code and a model card. Every flag: --help. The logic lives in native_seg_hf.training.
 
 Zero-shot (text-supervised, no masks): --model senatra-zero-shot with --text_column CAPTIONS (image-text data) or

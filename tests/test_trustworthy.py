@@ -19,15 +19,15 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from datasets import load_dataset
-from transformers import Trainer, default_data_collator
+from transformers import EomtConfig, Trainer, default_data_collator
 from transformers import TrainingArguments as HfTrainingArguments
 
 import native_seg_hf as ns
 from native_seg_hf.models import grouping
 from native_seg_hf.models import modeling_senatra
-from native_seg_hf.models.modeling_senatra import SeNaTraGroupingLayer, SeNaTraHungarianMatcher
+from native_seg_hf.models.modeling_senatra import SeNaTraGroupingLayer, SeNaTraHungarianMatcher, global_num_masks
 from native_seg_hf.training.data import load_split
-from native_seg_hf.training.loop import TrainArguments, checkpoint_folders, latest_checkpoint, train
+from native_seg_hf.training.loop import TrainArguments, build_model, checkpoint_folders, latest_checkpoint, train
 from native_seg_hf.training.optim import lr_factor
 from native_seg_hf.training.prepare import CAMVID_CLASSES, png_bytes, prepare_camvid_files, write_dataset
 from native_seg_hf.training.trainer import trainer_transform
@@ -291,6 +291,15 @@ def test_universal_loss_normalises_masks_over_every_process():
     labels = [torch.tensor([0, 1]), torch.tensor([2]), torch.tensor([], dtype=torch.long)]
     assert model.criterion.get_num_masks(labels, torch.device("cpu")).item() == 3
     assert model.criterion.get_num_masks([labels[2]], torch.device("cpu")).item() == 1
+
+
+def test_transformers_eomt_trained_by_the_loop_gets_the_same_loss_rules(tmp_path):
+    """Transformers' EoMT loss has the same num_masks bug: the loop gives it our rule and matcher."""
+    EomtConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+               patch_size=8, num_queries=4, num_blocks=1).save_pretrained(tmp_path / "eomt")
+    model = build_model(TrainArguments(dataset="-", model="eomt", config=str(tmp_path / "eomt")), ID2LABEL)
+    assert model.criterion.get_num_masks is global_num_masks
+    assert isinstance(model.criterion.matcher, SeNaTraHungarianMatcher) and model.criterion.matcher.num_points == 12544
 
 
 # ---- export and memory ----
