@@ -140,7 +140,7 @@ def main(argv=None):
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, among {', '.join(RUNS)}")
     parser.add_argument("--dataset", default=str(Path.home() / ".cache" / "native_seg_hf" / "data" / "camvid"),
                         help="prepared CamVid folder (scripts/prepare_data.py camvid)")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--seed", type=int, default=0)

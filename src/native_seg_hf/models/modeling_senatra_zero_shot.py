@@ -51,8 +51,7 @@ def soft_target_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Ten
 
 def multi_label_loss(logits_per_image: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """GroupViT's multi-label contrastive loss: image i against every prompt of the batch (B, P logits), with
-    several positives per image (`positives`, (B, P) 0/1) in both directions. Positives are matched by prompt text,
-    so two images whose captions share a noun both count its prompts as positive rather than as negatives."""
+    several positives per image (`positives`, (B, P) 0/1) in both directions."""
     return (soft_target_loss(logits_per_image, positives) + soft_target_loss(logits_per_image.t(), positives.t())) / 2
 
 
@@ -147,7 +146,9 @@ class SeNaTraForZeroShotSegmentation(SeNaTraZeroShotPreTrainedModel):
         super().__init__(config)
         self.vision_model = vision_model if vision_model is not None else SeNaTraModel(config.vision_config)
         self.text_model = text_model if text_model is not None else AutoModel.from_config(config.text_config)
-        # One config object per tower, shared with the composite config, so edits to either stay in sync.
+        # One config object per tower, shared with the composite config, so edits to either stay in sync (the
+        # text tower keeps the attention implementation it was loaded with).
+        config.text_config._attn_implementation = self.text_model.config._attn_implementation
         self.vision_model.config = config.vision_config
         self.text_model.config = config.text_config
         self.visual_projection = nn.Linear(config.vision_config.hidden_sizes[-1], config.projection_dim, bias=False)
@@ -244,7 +245,7 @@ class SeNaTraForZeroShotSegmentation(SeNaTraZeroShotPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         prompt_input_ids: torch.LongTensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
-        prompts_per_image: torch.LongTensor | None = None,
+        prompt_positives: torch.Tensor | None = None,
         return_loss: bool | None = None,
         **kwargs,
     ) -> SeNaTraZeroShotOutput:
@@ -252,9 +253,10 @@ class SeNaTraForZeroShotSegmentation(SeNaTraZeroShotPreTrainedModel):
         input_ids, attention_mask, token_type_ids: one tokenised caption per image (the tokenizer's outputs).
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): sides multiples of 32.
         prompt_input_ids, prompt_attention_mask (*optional*): GroupViT's extra prompts ("a photo of a {noun}." for
-            nouns of the captions), all images' prompts in one batch, image by image.
-        prompts_per_image (`torch.LongTensor` of shape `(batch_size,)`, *optional*): how many of the prompts
-            belong to each image (in order); needed with `prompt_input_ids`.
+            nouns of the captions), every image's prompts in one batch.
+        prompt_positives (`torch.Tensor` of shape `(batch_size, num_prompts)`, *optional*): 1 where a prompt
+            describes an image (its noun is one of the image caption's nouns, whichever image the prompt was drawn
+            for), else 0; needed with `prompt_input_ids`.
         return_loss (`bool`, *optional*): whether to compute the contrastive loss.
         """
         group_embeds, image_embeds, assignments = self.encode_image(pixel_values)
@@ -266,7 +268,7 @@ class SeNaTraForZeroShotSegmentation(SeNaTraZeroShotPreTrainedModel):
             loss = clip_loss(logits_per_text)
             if self.config.multi_label_loss_weight > 0 and prompt_input_ids is not None:
                 loss = loss + self.config.multi_label_loss_weight * self.prompt_loss(
-                    image_embeds, scale, prompt_input_ids, prompt_attention_mask, prompts_per_image
+                    image_embeds, scale, prompt_input_ids, prompt_attention_mask, prompt_positives
                 )
         return SeNaTraZeroShotOutput(
             loss=loss,
@@ -278,20 +280,15 @@ class SeNaTraForZeroShotSegmentation(SeNaTraZeroShotPreTrainedModel):
             assignments=assignments,
         )
 
-    def prompt_loss(self, image_embeds, scale, prompt_input_ids, prompt_attention_mask, prompts_per_image):
-        """GroupViT's multi-label loss on the images' noun prompts (positives matched by prompt text)."""
-        if prompts_per_image is None or int(prompts_per_image.sum()) != len(prompt_input_ids):
-            raise ValueError("prompt_input_ids need prompts_per_image, one count per image summing to the prompts")
+    def prompt_loss(self, image_embeds, scale, prompt_input_ids, prompt_attention_mask, prompt_positives):
+        """GroupViT's multi-label loss of the images against the batch's noun prompts."""
+        if prompt_positives is None or tuple(prompt_positives.shape) != (len(image_embeds), len(prompt_input_ids)):
+            raise ValueError("prompt_input_ids need prompt_positives of shape (num_images, num_prompts)")
         prompt_embeds = self.encode_text(prompt_input_ids, prompt_attention_mask)
-        owner = torch.repeat_interleave(torch.arange(len(image_embeds), device=image_embeds.device), prompts_per_image)
-        # Prompt j is positive for image i when its text equals one of image i's prompts.
-        ids = prompt_input_ids if prompt_attention_mask is None else prompt_input_ids * prompt_attention_mask
-        same_text = (ids[:, None, :] == ids[None, :, :]).all(dim=-1).float()  # (P, P)
-        of_image = F.one_hot(owner, len(image_embeds)).float().t()  # (B, P)
-        positives = ((of_image @ same_text) > 0).float()
-        keep = positives.sum(dim=1) > 0  # images without any prompt take no part
-        logits = scale * image_embeds @ prompt_embeds.t()
-        return multi_label_loss(logits[keep], positives[keep])
+        positives = prompt_positives.to(image_embeds.dtype)
+        keep = positives.sum(dim=1) > 0  # an image without any prompt takes no part
+        logits = scale * image_embeds[keep] @ prompt_embeds.t()
+        return multi_label_loss(logits, positives[keep])
 
     # ---- zero-shot segmentation ----
 

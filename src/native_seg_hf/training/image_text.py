@@ -194,7 +194,9 @@ class ImageTextDecoder:
 def collate_image_text(samples: list[dict], processor: SeNaTraZeroShotProcessor, max_length: int = 64,
                        noun_prompts: int = 0, rng: random.Random | None = None) -> dict:
     """Model inputs for (image, caption) samples: pixel values (no resizing: the crops are already model-sized),
-    tokenised captions, and with `noun_prompts` up to that many prompts per image from its caption's nouns."""
+    tokenised captions, and with `noun_prompts` GroupViT's noun prompts: up to that many nouns drawn from each
+    caption, one prompt per distinct noun of the batch (one template per batch), and `prompt_positives` marking
+    for every image the prompts of all of its caption's nouns."""
     inputs = processor.image_processor(images=[np.asarray(s["image"]) for s in samples], do_resize=False,
                                        return_tensors="pt")
     text = processor.tokenizer([s["text"] for s in samples], padding=True, truncation=True, max_length=max_length,
@@ -202,13 +204,15 @@ def collate_image_text(samples: list[dict], processor: SeNaTraZeroShotProcessor,
     batch = {"pixel_values": inputs["pixel_values"], **text}
     if noun_prompts:
         rng = rng or random.Random(0)
-        per_image = [rng.sample(s["nouns"], min(noun_prompts, len(s["nouns"]))) for s in samples]
-        prompts = [rng.choice(NOUN_PROMPT_TEMPLATES).format(noun) for nouns in per_image for noun in nouns]
-        if prompts:
-            tokens = processor.tokenizer(prompts, padding=True, truncation=True, max_length=max_length,
-                                         return_tensors="pt")
+        drawn = [rng.sample(s["nouns"], min(noun_prompts, len(s["nouns"]))) for s in samples]
+        nouns = list(dict.fromkeys(noun for chosen in drawn for noun in chosen))
+        if nouns:
+            template = rng.choice(NOUN_PROMPT_TEMPLATES)
+            tokens = processor.tokenizer([template.format(noun) for noun in nouns], padding=True, truncation=True,
+                                         max_length=max_length, return_tensors="pt")
+            positives = torch.tensor([[float(noun in s["nouns"]) for noun in nouns] for s in samples])
             batch.update(prompt_input_ids=tokens["input_ids"], prompt_attention_mask=tokens["attention_mask"],
-                         prompts_per_image=torch.tensor([len(n) for n in per_image]))
+                         prompt_positives=positives)
     return batch
 
 
@@ -249,7 +253,11 @@ def evaluate_zero_shot(model, processor: SeNaTraZeroShotProcessor, samples, clas
 
 @torch.no_grad()
 def retrieval_recall(model, processor: SeNaTraZeroShotProcessor, pairs: list[dict], batch_size: int = 16) -> dict:
-    """Recall@1 of image-to-text and text-to-image retrieval among `pairs` ({"image", "text"}), and chance (1/N)."""
+    """Recall@1 of image-to-text and text-to-image retrieval among `pairs` ({"image", "text"}), and its chance level.
+
+    A retrieved caption (or image) counts as right when its caption is the query's own caption text: generated
+    captions repeat, and identical texts cannot be told apart. Chance is then the mean, over queries, of the
+    fraction of pairs sharing the query's caption (1/N when every caption differs)."""
     was_training = model.training
     model.eval()
     images, texts = [], []
@@ -258,14 +266,16 @@ def retrieval_recall(model, processor: SeNaTraZeroShotProcessor, pairs: list[dic
         images.append(model.encode_image(inputs["pixel_values"])[1])
         tokens = processor.tokenizer([p["text"] for p in chunk], padding=True, truncation=True, return_tensors="pt")
         texts.append(model.encode_text(**tokens.to(model.device)))
-    similarity = torch.cat(images) @ torch.cat(texts).t()
-    target = torch.arange(len(similarity), device=similarity.device)
+    similarity = (torch.cat(images) @ torch.cat(texts).t()).cpu()
     model.train(was_training)
+    captions = [p["text"] for p in pairs]
+    same = torch.tensor([[a == b for b in captions] for a in captions])  # (N, N): pair j has pair i's caption
+    index = torch.arange(len(captions))
     return {
-        "image_to_text_recall@1": float((similarity.argmax(1) == target).float().mean()),
-        "text_to_image_recall@1": float((similarity.argmax(0) == target).float().mean()),
-        "chance": 1 / len(similarity),
-        "num_pairs": len(similarity),
+        "image_to_text_recall@1": float(same[index, similarity.argmax(1)].float().mean()),
+        "text_to_image_recall@1": float(same[index, similarity.argmax(0)].float().mean()),
+        "chance": float(same.float().mean()),
+        "num_pairs": len(captions),
     }
 
 
