@@ -96,8 +96,8 @@ class SeNaTraZeroShotConfig(PreTrainedConfig):
 
     @classmethod
     def from_vision_text_configs(cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig, **kwargs):
-        """As in `VisionTextDualEncoderConfig`: the config of a pair of towers with the given configs."""
-        return cls(vision_config=vision_config, text_config=text_config, **kwargs)
+        """As in `VisionTextDualEncoderConfig`: the config of a pair of towers with (copies of) the given configs."""
+        return cls(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **kwargs)
 
     @property
     def input_size_divisor(self) -> int:
