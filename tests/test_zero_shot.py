@@ -328,3 +328,58 @@ def test_training_on_captions_lowers_the_loss_and_retrieval_beats_chance(tmp_pat
     saved = json.loads((tmp_path / "run" / "all_results.json").read_text())
     assert saved["steps"] == 30 and (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert (tmp_path / "run" / "model" / "processor_config.json").exists()
+
+
+def tiny_text_folder(folder: Path) -> Path:
+    """A small random BERT text tower with a word-level vocabulary, saved like any text model (no weights to
+    fetch), for training tests that check the machinery rather than the language."""
+    folder.mkdir(parents=True)
+    tokenizer = tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    AutoModel.from_config(BertConfig(**TINY_TEXT)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_image_text_training_resumes_exactly(tmp_path, monkeypatch):
+    """A run stopped right after its step-2 checkpoint and resumed with 'latest' takes the same steps (same losses)
+    and ends with the same weights as an uninterrupted run: stream position, noun prompts and RNG states resume."""
+    import native_seg_hf.training.image_text as image_text
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    torch.set_num_threads(1)
+    dataset = caption_dataset(tmp_path / "captions", count=4)
+    ns.SeNaTraConfig(**TINY_VISION).save_pretrained(tmp_path / "vision")
+    (tmp_path / "nouns.txt").write_text("\n".join(CAMVID))  # nouns looked for in the captions (noun prompts)
+    text_args = ImageTextArguments(text_model=str(tiny_text_folder(tmp_path / "text")), text_column="caption",
+                                   noun_prompts=2, noun_vocabulary=str(tmp_path / "nouns.txt"), retrieval_samples=0,
+                                   projection_dim=16)
+
+    def run(name: str, **overrides):
+        args = TrainArguments(dataset=str(dataset), output_dir=str(tmp_path / name), model="senatra-zero-shot",
+                              config=str(tmp_path / "vision" / "config.json"), crop_height=64, crop_width=96,
+                              per_device_batch_size=2, max_steps=4, learning_rate=1e-3, logging_steps=1,
+                              eval_split="", shuffle_buffer=4, **overrides)
+        return image_text.train_image_text(args, text_args)
+
+    straight = run("straight")
+    real_save = image_text.save_checkpoint
+
+    def save_then_stop(accelerator, stream, output_dir, step, *rest):
+        folder = real_save(accelerator, stream, output_dir, step, *rest)
+        raise Interrupted(folder)
+
+    monkeypatch.setattr(image_text, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        run("resumed", save_steps=2)
+    monkeypatch.setattr(image_text, "save_checkpoint", real_save)
+    resumed = run("resumed", resume_from_checkpoint="latest")
+
+    assert [p["step"] for p in resumed["loss_curve"]] == [3, 4]
+    assert [p["loss"] for p in resumed["loss_curve"]] == [p["loss"] for p in straight["loss_curve"][2:]]
+    for (name, weight), other in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        torch.testing.assert_close(other, weight, rtol=0, atol=0, msg=name)

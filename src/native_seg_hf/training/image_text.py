@@ -46,7 +46,7 @@ from .data import (
     load_id2label,
     load_split,
 )
-from .loop import TrainArguments, evaluate_model, resume, save_checkpoint, to_device
+from .loop import TrainArguments, evaluate_model, restart_schedule, resume, save_checkpoint, to_device
 from .optim import create_optimizer, create_scheduler
 
 logger = logging.getLogger(__name__)
@@ -365,7 +365,12 @@ def train_image_text(args: TrainArguments, text_args: ImageTextArguments) -> dic
         raise ValueError(f"{args.dataset} has no column {text_args.text_column!r}; it has {dataset.column_names}")
     stream = TrainStream(dataset, decoder, args.seed, args.shuffle_buffer, accelerator.process_index,
                          accelerator.num_processes)
-    step = resume(accelerator, stream, output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else 0
+    step = 0
+    if args.resume_from_checkpoint:
+        state = resume(accelerator, stream, output_dir, args.resume_from_checkpoint)
+        step = state["step"]
+        if step:
+            restart_schedule(optimizer, scheduler, state, args.max_steps, accelerator)
 
     def run_eval():
         if class_names is None or not args.eval_split:
@@ -415,7 +420,7 @@ def train_image_text(args: TrainArguments, text_args: ImageTextArguments) -> dic
             if scores:
                 accelerator.print(f"\nstep {step}: zero-shot mIoU {scores['mean_iou']:.4f} on {scores['num_images']} images")
         if args.save_steps and step % args.save_steps == 0:
-            save_checkpoint(accelerator, stream, output_dir, step, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, stream, output_dir, step, args.checkpoints_total_limit, args.max_steps)
     progress.close()
     micro_batches.close()
     steps_per_second = (step - start_step) / (time.perf_counter() - run_start)
