@@ -135,8 +135,9 @@ def rotary_embedding_2d(height: int, width: int, head_dim: int, theta: float, de
     freqs = theta ** (-torch.arange(n, device=device, dtype=torch.float32) / n)
     angle_y = torch.arange(height, device=device, dtype=torch.float32)[:, None, None] * freqs  # (H, 1, n)
     angle_x = torch.arange(width, device=device, dtype=torch.float32)[None, :, None] * freqs  # (1, W, n)
-    angles = torch.cat([angle_y.expand(height, width, n), angle_x.expand(height, width, n)], dim=-1)
-    return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
+    angles = torch.cat([angle_y.expand(height, width, n), angle_x.expand(height, width, n)], dim=-1)[:, :, None, :]
+    # Shaped before it becomes complex: ONNX export handles complex multiplies but not reshapes of complex tensors.
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rotary_2d(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -771,7 +772,7 @@ class SeNaTraForUniversalSegmentation(SeNaTraPreTrainedModel):
         the module's buffers are fake tensors without values, but this reference still reads the real one. Called
         wherever the buffer object can be replaced (construction, `.to()`/`_apply`, loading, each eager forward);
         in-place updates (annealing, `zero_()`) show through it."""
-        self.__dict__["_attn_mask_probs_reference"] = self.attn_mask_probs
+        self.__dict__["_attn_mask_probs_reference"] = self._buffers.get("attn_mask_probs")  # None while building
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
