@@ -1,7 +1,9 @@
 """The README's learning-results table, rendered from the run records under results/learning/ only.
 
 Runs are grouped by (recipe, model); each cell is the mean over seeds at that step, with the spread (min-max) when
-there are several seeds. The table replaces what lies between the README's two marker lines.
+there are several seeds. Step times come only from the timing records (`timing/*.json`, the models' steps
+alternated in one process): times of separate runs on a shared machine are not comparable. The tables replace what
+lies between the README's two marker lines.
 """
 
 import json
@@ -24,23 +26,35 @@ def cell(values: list[float]) -> str:
 
 
 def learning_table(runs: list[dict]) -> str:
-    """A markdown table per recipe: model, seeds, parameters, GFLOPs, s/step, mIoU at each evaluated step."""
+    """A markdown table per recipe: model, seeds, parameters, GFLOPs, mIoU at each evaluated step."""
     lines = []
     for recipe in sorted({run["recipe"] for run in runs}):
         in_recipe = [run for run in runs if run["recipe"] == recipe]
         steps = sorted({int(s) for run in in_recipe for s in run["val_miou_by_step"]})
-        lines += [f"**{recipe}** (mIoU %, CamVid validation, 101 images at 480x360; mean over seeds, min-max)", "",
-                  "| model | seeds | params (M) | GFLOPs | s/step | " + " | ".join(f"@{s}" for s in steps) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(steps)]
+        lines += [f"**{recipe}** (validation mIoU %, at each step; mean over seeds, min-max)", "",
+                  "| model | seeds | params (M) | GFLOPs | " + " | ".join(f"@{s}" for s in steps) + " |",
+                  "|---|---|---|---|" + "---|" * len(steps)]
         for model in sorted({run["model"] for run in in_recipe}, key=lambda m: (m.split("[")[0], m)):
             group = [run for run in in_recipe if run["model"] == model]
             scores = [cell([run["val_miou_by_step"][str(s)] for run in group if str(s) in run["val_miou_by_step"]])
                       for s in steps]
             lines.append(f"| `{model}` | {','.join(str(run['seed']) for run in group)} | "
                          f"{group[0]['parameters'] / 1e6:.2f} | {group[0]['gflops_at_eval_size']:.2f} | "
-                         f"{statistics.mean(run['seconds_per_step'] for run in group):.2f} | " + " | ".join(scores) + " |")
+                         + " | ".join(scores) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def timing_table(records: list[dict]) -> str:
+    """Seconds per training step from each timing record, with each model's ratio to the first one listed."""
+    lines = []
+    for record in records:
+        models = list(record["seconds_per_step"])
+        first = record["seconds_per_step"][models[0]]
+        cells = [f"`{m}` {t:.2f} s (x{t / first:.2f})" for m, t in record["seconds_per_step"].items()]
+        lines.append(f"- {record['recipe']}, {record['hardware']['torch_threads']} thread(s), median of "
+                     f"{record['steps_timed']} alternated steps: " + ", ".join(cells))
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def render_readme_table(results: Path, readme: Path) -> None:
@@ -49,4 +63,6 @@ def render_readme_table(results: Path, readme: Path) -> None:
         raise ValueError(f"{readme} has no {BEGIN!r} ... {END!r} markers to render the table between")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(head + BEGIN + "\n" + learning_table(load_runs(results)) + END + tail)
+    timings = load_runs(results / "timing") if (results / "timing").is_dir() else []
+    table = learning_table(load_runs(results)) + "\nStep time (training step, batch and crop of the recipe):\n\n" + timing_table(timings)
+    readme.write_text(head + BEGIN + "\n" + table + END + tail)
