@@ -84,16 +84,8 @@ def test_gradients_reach_every_grouping_parameter_through_all_iterations():
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient for {name}"
 
-    # The first iteration's assignment matters for the result: the query path is used at every iteration,
-    # so perturbing the output of one iteration changes the gradient seen by the earlier ones.
-    layer = model.senatra.encoder.stages[1].grouping
-    x = torch.randn(1, 8, 12, 16, requires_grad=True)
-    grads = []
-    for iterations in (1, 3):
-        layer.iterations = iterations
-        (g,) = torch.autograd.grad(layer(x)[0].square().sum(), x)
-        grads.append(g)
-    assert not torch.allclose(grads[0], grads[1])
+    # That every iteration passes gradients on (a detached iteration fails it) is tested against finite
+    # differences in test_trustworthy.py.
 
 
 def test_none_grouping_equals_strided_conv_downsampling():
