@@ -19,6 +19,7 @@
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from PIL import Image
 from transformers import pipeline
 
 from native_seg_hf.training.hub import finish_run
+from native_seg_hf.training.learning import git_commit, hardware
 from native_seg_hf.training.loop import TrainArguments, train
 from native_seg_hf.training.prepare import prepare, prepare_camvid_files
 from native_seg_hf.visualize import hierarchy_picture, semantic_overlay
@@ -89,7 +91,10 @@ def main():
     summary = {"camvid_val_mean_iou": metrics["mean_iou"], "val_images": metrics["num_images"],
                "steps": result["steps"], "steps_per_second": result["steps_per_second"],
                "train_minutes": result["train_seconds"] / 60,
-               "minutes": (time.perf_counter() - start) / 60, "dataset": str(dataset)}
+               "minutes": (time.perf_counter() - start) / 60, "dataset": str(dataset),
+               "per_class_iou": dict(zip(model.config.id2label.values(), metrics.get("per_category_iou", []))),
+               "command": "python " + " ".join(["scripts/main_job.py", *sys.argv[1:]]), "commit": git_commit(),
+               "hardware": hardware()}
     (cli.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if dataset != CACHE / "camvid":
         print("Trained and evaluated on the single bundled fixture image: the mIoU below means nothing")
