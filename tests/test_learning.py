@@ -13,7 +13,7 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 import native_seg_hf as ns
 from native_seg_hf.training.diagnosis import assignment_statistics, gradient_statistics, label_bounds, majority_labels
 from native_seg_hf.training.learning import (
-    RECIPES, BatchSource, RunSpec, evaluate_semantic, load_samples, run_name, train_and_evaluate,
+    RECIPES, BatchSource, RunSpec, class_mask_targets, evaluate_semantic, load_samples, run_name, train_and_evaluate,
 )
 from native_seg_hf.training.learning_report import BEGIN, END, learning_table, render_readme_table
 from segmentation_datasets import camvid_dataset
@@ -76,6 +76,22 @@ def test_run_writes_a_record_the_check_reads(camvid, tmp_path):
     assert len(saved["per_class_iou_by_step"]["4"]) == 11
     assert not spec.path(tmp_path).with_suffix(".partial").exists()
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_the_universal_model_trains_on_class_masks_with_annealing(camvid, tmp_path):
+    record = train_and_evaluate(RunSpec("senatra-universal", "smoke", seed=0), camvid, tmp_path, "test",
+                                log=lambda *_: None, save_model=tmp_path / "model")
+    assert set(record["val_miou_by_step"]) == {"2", "4"}
+    saved = ns.SeNaTraForUniversalSegmentation.from_pretrained(tmp_path / "model")
+    assert torch.all(saved.attn_mask_probs == 0)  # annealed to the end of the 4-step schedule
+
+
+def test_class_mask_targets_have_one_mask_per_labelled_class():
+    labels = torch.tensor([[[0, 0, 3], [255, 3, 3]], [[255, 255, 255], [255, 255, 255]]])
+    targets = class_mask_targets(labels)
+    assert targets["class_labels"][0].tolist() == [0, 3] and targets["class_labels"][1].numel() == 0
+    assert targets["mask_labels"][0].shape == (2, 2, 3) and targets["mask_labels"][1].shape == (0, 2, 3)
+    assert targets["mask_labels"][0][1].tolist() == [[0, 0, 1], [0, 1, 1]]
 
 
 def test_truncated_runs_and_variants_are_named_apart():

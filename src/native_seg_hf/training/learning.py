@@ -9,9 +9,11 @@ evaluation size, step time, the command, the commit and the hardware. `scripts/b
 command line; `--render` writes the README's table from those files only.
 
 Models (`MODEL_BUILDERS`): `senatra` (SeNaTra-Nano, native semantic head, grouping local/local/dense),
-`senatra-none` (the same with strided-conv downsampling, the paper's ablation), `segformer-b0` (Transformers'
-`SegformerForSemanticSegmentation`, B0 size), `segmenter-linear` (Segmenter's linear decoder on a small
-Transformers Dinov2 ViT). Config overrides (`overrides`) give ablation variants, recorded in the run's name.
+`senatra-none` (the same with strided-conv downsampling, the paper's ablation), `senatra-universal` (SeNaTra-Nano
+with EoMT-style queries, trained on one mask per class present with Mask2Former's loss and mask annealing over
+the schedule, scored through the semantic post-processing `sum_q p(c|q) sigmoid(mask_q)`), `segformer-b0`
+(Transformers' `SegformerForSemanticSegmentation`, B0 size), `segmenter-linear` (Segmenter's linear decoder on a
+small Transformers Dinov2 ViT). Config overrides (`overrides`) give ablation variants, recorded in the run's name.
 
 Data are held in memory, decoded once (CamVid is 367 + 101 images): the benchmark measures learning, not input
 pipelines.
@@ -37,8 +39,10 @@ from ..metrics import MeanIoU
 from ..models.configuration_segmenter import SegmenterConfig
 from ..models.configuration_senatra import SeNaTraConfig
 from ..models.modeling_segmenter import SegmenterForSemanticSegmentation
-from ..models.modeling_senatra import SeNaTraForSemanticSegmentation
+from ..models.image_processing_senatra import semantic_logits
+from ..models.modeling_senatra import SeNaTraForSemanticSegmentation, SeNaTraForUniversalSegmentation
 from .data import Augmentation, SampleDecoder, load_id2label, load_split
+from .mask_annealing import set_mask_annealing
 from .optim import create_optimizer, create_scheduler
 
 IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet's, as every model's processor uses
@@ -101,6 +105,12 @@ def senatra_builder(preset: str, grouping: str | None = None):
     return build
 
 
+def senatra_universal(num_labels: int, overrides: dict) -> torch.nn.Module:
+    # Nano's last stage has 2 blocks: both take the queries; 100 queries as EoMT uses for semantic segmentation.
+    config = SeNaTraConfig.from_preset("nano", num_labels=num_labels, num_queries=100, num_blocks=2, **overrides)
+    return SeNaTraForUniversalSegmentation(config)
+
+
 def segformer_b0(num_labels: int, overrides: dict) -> torch.nn.Module:
     # SegformerConfig's defaults are the B0 size (widths 32/64/160/256, depths 2/2/2/2, decoder 256).
     return SegformerForSemanticSegmentation(SegformerConfig(num_labels=num_labels, semantic_loss_ignore_index=255,
@@ -118,6 +128,7 @@ def segmenter_linear(num_labels: int, overrides: dict) -> torch.nn.Module:
 MODEL_BUILDERS = {
     "senatra": senatra_builder("nano"),
     "senatra-none": senatra_builder("nano", "none"),
+    "senatra-universal": senatra_universal,
     "segformer-b0": segformer_b0,
     "segmenter-linear": segmenter_linear,
 }
@@ -175,6 +186,24 @@ class BatchSource:
         return {"pixel_values": normalise(images), "labels": torch.from_numpy(np.stack(labels)).long()}
 
 
+def class_mask_targets(labels: torch.Tensor, ignore_index: int = 255) -> dict:
+    """A query model's targets for semantic maps (B, H, W): per image one binary mask per class present."""
+    mask_labels, class_labels = [], []
+    for label in labels:
+        classes = label.unique()
+        classes = classes[classes != ignore_index]
+        mask_labels.append((label[None] == classes[:, None, None]).float())
+        class_labels.append(classes)
+    return {"mask_labels": mask_labels, "class_labels": class_labels}
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """The batch as the model takes it: label maps for semantic models, class masks for query models."""
+    if hasattr(model, "attn_mask_probs"):
+        return {"pixel_values": batch["pixel_values"], **class_mask_targets(batch["labels"])}
+    return batch
+
+
 def eval_inputs(image: Image.Image, short_side: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """An evaluation image resized to `short_side`, normalised and zero-padded (bottom/right) to a multiple of 32;
     returns the pixels and the resized (height, width) to crop the predictions back to."""
@@ -192,7 +221,7 @@ def evaluate_semantic(model, samples: list[dict], num_labels: int, short_side: i
     metric = MeanIoU(num_labels=num_labels, ignore_index=255)
     for sample in samples:
         pixels, (height, width) = eval_inputs(sample["image"], short_side)
-        logits = model(pixel_values=pixels).logits
+        logits = semantic_logits(model(pixel_values=pixels))
         # Keep the part of the logits that covers the image (not the padding), then resize to the label.
         scale_h, scale_w = logits.shape[-2] / pixels.shape[-2], logits.shape[-1] / pixels.shape[-1]
         logits = logits[..., : math.ceil(height * scale_h), : math.ceil(width * scale_w)]
@@ -210,7 +239,8 @@ def gflops(model, short_side: int, image_size: tuple[int, int]) -> float:
     factor = short_side / min(height, width)
     size = [math.ceil(round(s * factor) / INPUT_DIVISOR) * INPUT_DIVISOR for s in (height, width)]
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # With gradients on: FlopCounterMode's module hooks fail under no_grad on modules fed a parameter (queries).
+    with FlopCounterMode(display=False) as counter:
         model(pixel_values=torch.zeros(1, 3, *size))
     model.train()
     return counter.get_total_flops() / 1e9
@@ -229,7 +259,7 @@ def make_optimizer(model, recipe: Recipe):
 
 
 def train_step(model, optimizer, scheduler, batch: dict, max_grad_norm: float) -> float:
-    loss = model(**batch).loss
+    loss = model(**model_inputs(model, batch)).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
@@ -305,6 +335,8 @@ def train_and_evaluate(spec: RunSpec, dataset: str | Path, results: Path, comman
     for step in range(1, steps + 1):
         start = time.perf_counter()
         losses.append(train_step(model, optimizer, scheduler, source.batch(step - 1), recipe.max_grad_norm))
+        if hasattr(model, "attn_mask_probs"):  # EoMT's mask annealing, over the recipe's schedule
+            set_mask_annealing(model, step, recipe.schedule_steps)
         train_seconds += time.perf_counter() - start
         if step % recipe.eval_every == 0 or step == steps:
             scores = evaluate_semantic(model, val_samples, len(id2label), recipe.eval_short_side)
