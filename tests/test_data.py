@@ -5,6 +5,7 @@ exactly."""
 import itertools
 import json
 import random
+import time
 
 import datasets
 import numpy as np
@@ -161,3 +162,74 @@ def test_decode_image_reads_paths_too(tmp_path):
     sample = SampleDecoder()(record)
     assert sample["image"].mode == "RGB" and sample["label"].shape == (4, 4)
     assert SampleDecoder()({"image": {"bytes": b"", "path": str(tmp_path / "missing.png")}, "label": record["label"]}) is None
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_workers_split_the_shards_and_resume_exactly(tmp_path, world_size):
+    """Two DataLoader workers per process: each pass hands out every sample of the processes exactly once, a stream
+    resumed from any sample's state continues with the same samples (across pass boundaries, with the workers'
+    turns resumed mid-round), and another worker count is refused."""
+    folder = synthetic_dataset(tmp_path / "d", train=8 * world_size, num_shards=4 * world_size)
+    dataset = load_split(folder, "train", ["image", "label"])
+
+    def stream(rank, num_workers=2):
+        return TrainStream(dataset, SampleDecoder(id_column="id", augmentation=Augmentation((16, 16))), seed=3,
+                           buffer_size=4, rank=rank, world_size=world_size, num_workers=num_workers)
+
+    passes = []
+    for rank in range(world_size):
+        full = stream(rank)
+        samples = list(itertools.islice(full, 19))  # two passes of 8 and 3 more
+        ids = [s["id"] for s in samples]
+        assert len(set(ids[:8])) == len(set(ids[8:16])) == 8 and ids[:8] != ids[8:16]
+        passes.append([set(ids[:8]), set(ids[8:16])])
+        for head in (3, 8, 11):  # mid-round, at the pass boundary, in the second pass
+            first = stream(rank)
+            list(itertools.islice(first, head))
+            state = json.loads(json.dumps(first.state_dict()))
+            resumed = stream(rank)
+            resumed.load_state_dict(state)
+            tail = list(itertools.islice(resumed, 19 - head))
+            assert [s["id"] for s in tail] == ids[head:]
+            assert all(np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) for a, b in zip(tail, samples[head:]))
+        with pytest.raises(ValueError, match="saved with 2 data loader workers and this run has 0"):
+            stream(rank, num_workers=0).load_state_dict(state)
+    for epoch in (0, 1):  # in each pass the processes share the samples out
+        assert len(set().union(*(rank[epoch] for rank in passes))) == 8 * world_size
+
+
+def test_workers_skip_and_count_unreadable_samples(tmp_path):
+    """One shard per worker, the first with an unreadable sample: the workers take turns, each through its own
+    shard's samples, pass after pass."""
+    rows = synthetic_rows(6)
+    rows[2]["image"] = {"bytes": b"not an image", "path": None}
+    write_dataset({"train": rows}, ID2LABEL, tmp_path / "d", "# d\n", num_shards=2)
+    decoder = SampleDecoder(id_column="id")
+    stream = TrainStream(load_split(tmp_path / "d", "train", ["image", "label"]), decoder, buffer_size=1,
+                         num_workers=2)
+    ids = [s["id"] for s in itertools.islice(stream, 6)]
+    assert ids == ["s000", "s003", "s001", "s004", "s000", "s005"] and decoder.skipped == 1
+    assert stream.state_dict()["skipped"] == 1
+
+
+def test_read_ahead_hides_the_pause_at_the_end_of_each_pass(tmp_path, monkeypatch):
+    """datasets pauses a Parquet stream when its files are exhausted (5 s by default; 0.6 s here): read in the
+    consuming thread, the pause stalls the consumer; read ahead, it does not."""
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.6)
+    folder = synthetic_dataset(tmp_path / "d", train=6, num_shards=1, size=(16, 32))
+    dataset = load_split(folder, "train", ["image", "label"])
+
+    def longest_wait(read_ahead):
+        samples = iter(TrainStream(dataset, SampleDecoder(), buffer_size=2, read_ahead=read_ahead))
+        next(samples)
+        waits = []
+        for _ in range(14):  # into the third pass
+            time.sleep(0.1)  # a training step
+            start = time.perf_counter()
+            next(samples)
+            waits.append(time.perf_counter() - start)
+        samples.close()
+        return max(waits)
+
+    assert longest_wait(read_ahead=0) > 0.5
+    assert longest_wait(read_ahead=16) < 0.3

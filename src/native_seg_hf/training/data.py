@@ -23,7 +23,9 @@ import io
 import json
 import logging
 import math
+import queue
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,8 @@ from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from huggingface_hub import hf_hub_download
 from PIL import Image, ImageEnhance, UnidentifiedImageError
+from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import IterableDataset as TorchIterableDataset
 
 logger = logging.getLogger(__name__)
 
@@ -204,10 +208,25 @@ class TrainStream:
     position in the pass, skipped count); `load_state_dict` makes the next iteration continue right after the
     last sample handed out, replaying the pass's raw records without decoding them. Augmentation is seeded by
     (seed, rank, epoch, position), so a resumed run also draws the same crops.
+
+    Workers (`num_workers` > 0): decoding and augmentation run in `torch.utils.data.DataLoader` worker processes.
+    Inside a worker `datasets` gives each worker its own shards of the process's part (whole shards, so at most
+    as many workers as the process has shards work), and every worker runs the stream above over them, with
+    augmentation also seeded by the worker's index. The DataLoader hands out one sample of each worker in turn,
+    so the order is fixed by (seed, number of workers); the state is then every worker's (epoch, position,
+    skipped) plus which worker comes next, and a resumed stream first lets the workers before that one hand out
+    a placeholder, which is dropped: the same samples in the same order, none lost or repeated. Resuming with
+    another number of workers is refused (it would deal the shards out differently).
+
+    Read-ahead: the raw records are read by a background thread, up to `read_ahead` ahead of decoding, and it
+    goes on into the next pass while the current one is decoded. `datasets` pauses a Parquet stream for
+    `datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN` (5 s) each time a pass's files are exhausted (a guard for
+    apache/arrow#45214); the thread takes that pause while decoding goes on from the records already read.
+    `read_ahead=0` reads in the consuming thread (every pause then stalls training).
     """
 
     def __init__(self, dataset, decoder: SampleDecoder, seed: int = 0, buffer_size: int = 256,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, read_ahead: int = 256):
         if not isinstance(dataset, IterableDataset):
             dataset = dataset.to_iterable_dataset(num_shards=max(world_size, min(len(dataset), 64)))
         self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size).shuffle(
@@ -215,39 +234,183 @@ class TrainStream:
         )
         self.decoder = decoder
         self.seed, self.rank = seed, rank
+        self.read_ahead = read_ahead
+        # datasets stops the workers beyond the process's number of shards: they would never hand out a sample
+        self.num_workers = min(num_workers, node_shards(dataset, world_size))
+        if self.num_workers < num_workers:
+            logger.warning("%d data loader workers asked, %d used: each worker reads whole shards and this process "
+                           "has %d", num_workers, self.num_workers, node_shards(dataset, world_size))
         self.epoch = 0
         self.position = 0
+        self.workers = [{"epoch": 0, "position": 0, "skipped": 0} for _ in range(self.num_workers)]
+        self.next_worker = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "skipped": self.decoder.skipped}
+        if not self.num_workers:
+            return {"epoch": self.epoch, "position": self.position, "skipped": self.decoder.skipped}
+        return {"workers": [dict(worker) for worker in self.workers], "next_worker": self.next_worker,
+                "skipped": self.decoder.skipped}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self.decoder.skipped = state["epoch"], state["position"], state["skipped"]
+        saved_workers = len(state.get("workers", []))
+        if saved_workers != self.num_workers:
+            raise ValueError(
+                f"this stream position was saved with {saved_workers} data loader workers and this run has "
+                f"{self.num_workers}: the workers deal out the shards and take turns, so resume with "
+                f"--num_workers {saved_workers}"
+            )
+        if self.num_workers:
+            self.workers, self.next_worker = [dict(worker) for worker in state["workers"]], state["next_worker"]
+        else:
+            self.epoch, self.position = state["epoch"], state["position"]
+        self.decoder.skipped = state["skipped"]
 
     def __iter__(self) -> Iterator[dict]:
+        if not self.num_workers:
+            for sample, (self.epoch, self.position, _) in self._samples(self.epoch, self.position, worker=None):
+                yield sample
+            return
+        start = [dict(worker) for worker in self.workers]
+        skipped = self.decoder.skipped - sum(worker["skipped"] for worker in start)  # counted before the workers
+        loader = DataLoader(_WorkerStream(self, start, self.next_worker), batch_size=None, num_workers=self.num_workers,
+                            collate_fn=_keep, prefetch_factor=2)
+        items = iter(loader)
+        try:
+            for index, item in enumerate(items):
+                worker = index % self.num_workers
+                if item is None:  # a placeholder of a worker before the saved next one
+                    continue
+                sample, (epoch, position, worker_skipped) = item
+                self.workers[worker] = {"epoch": epoch, "position": position, "skipped": worker_skipped}
+                self.next_worker = (worker + 1) % self.num_workers
+                self.decoder.skipped = skipped + sum(w["skipped"] for w in self.workers)
+                yield sample
+        finally:
+            items._shutdown_workers()  # stop the workers now, not whenever the iterator is collected
+
+    def _samples(self, epoch: int, position: int, worker: int | None):
+        """(sample, (epoch, position, skipped) after it) pairs from (epoch, position) on, endlessly."""
+        records = ReadAhead(self._records(epoch, position), self.read_ahead)
+        try:
+            usable = position > 0
+            for epoch, position, record in records:
+                if record is None:  # the end of a pass
+                    if not usable:
+                        raise ValueError(
+                            f"the training data has no usable samples (process {self.rank}"
+                            f"{'' if worker is None else f', data loader worker {worker}'}: a whole pass gave none, "
+                            f"{self.decoder.skipped} unreadable)"
+                        )
+                    usable = False
+                    continue
+                key = (self.seed, self.rank, epoch, position) if worker is None else (
+                    self.seed, self.rank, worker, epoch, position)
+                sample = self.decoder(record, random.Random(hash(key)))
+                if sample is not None:
+                    usable = True
+                    yield sample, (epoch, position + 1, self.decoder.skipped)
+        finally:
+            records.close()
+
+    def _records(self, epoch: int, position: int):
+        """(epoch, position, raw record) from (epoch, position) on, pass after pass; (epoch, None, None) ends a
+        pass. Replaying to `position` reads raw records only, nothing is decoded."""
         while True:
-            self.dataset.set_epoch(self.epoch)
+            self.dataset.set_epoch(epoch)
             records = iter(self.dataset)
             try:
-                for _ in range(self.position):  # replay to the saved position: raw records, nothing decoded
+                for _ in range(position):
                     next(records)
-                usable = self.position > 0
                 for record in records:
-                    rng = random.Random(hash((self.seed, self.rank, self.epoch, self.position)))
-                    self.position += 1
-                    sample = self.decoder(record, rng)
-                    if sample is not None:
-                        usable = True
-                        yield sample
+                    yield epoch, position, record
+                    position += 1
             finally:
                 records.close()  # stop the reader's threads now, not whenever the generator is collected
-            if not usable:
-                raise ValueError(
-                    f"the training data has no usable samples (process {self.rank}: a whole pass gave none, "
-                    f"{self.decoder.skipped} unreadable)"
-                )
-            self.epoch += 1
-            self.position = 0
+            yield epoch, None, None
+            epoch, position = epoch + 1, 0
+
+
+def node_shards(dataset, world_size: int) -> int:
+    """How many shards one process reads: whole shards when their number divides the world size (see
+    `split_dataset_by_node`), else every shard (each process keeps every world_size-th example)."""
+    shards = dataset.num_shards
+    return shards // world_size if shards % world_size == 0 else shards
+
+
+class _WorkerStream(TorchIterableDataset):
+    """What each DataLoader worker iterates: its part of the stream from its saved state. Workers before the
+    saved next one first hand out a placeholder (None), so that the DataLoader's turns resume where they were."""
+
+    def __init__(self, stream: TrainStream, start: list[dict], next_worker: int):
+        self.stream, self.start, self.next_worker = stream, start, next_worker
+
+    def __iter__(self):
+        worker = get_worker_info().id
+        state = self.start[worker]
+        self.stream.decoder.skipped = state["skipped"]
+        if worker < self.next_worker:
+            yield None
+        yield from self.stream._samples(state["epoch"], state["position"], worker)
+
+
+def _keep(item):
+    """The DataLoader's collate function: samples stay as they are (PIL images, numpy maps)."""
+    return item
+
+
+class ReadAhead:
+    """Iterates `iterator` in a background thread, up to `size` items ahead of the consumer (`size=0`: in the
+    consumer's thread). Exceptions reach the consumer; `close()` stops the thread and closes the iterator."""
+
+    _END = object()
+
+    def __init__(self, iterator, size: int):
+        self.iterator, self.size = iterator, size
+        if size:
+            self.queue = queue.Queue(maxsize=size)
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._fill, daemon=True, name="read-ahead")
+            self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self):
+        try:
+            for item in self.iterator:
+                if not self._put((item, None)):
+                    break
+            else:
+                self._put((self._END, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            self._put((self._END, error))
+        finally:
+            self.iterator.close()
+
+    def __iter__(self):
+        if not self.size:
+            yield from self.iterator
+            return
+        while True:
+            item, error = self.queue.get()
+            if error is not None:
+                raise error
+            if item is self._END:
+                return
+            yield item
+
+    def close(self):
+        if not self.size:
+            self.iterator.close()
+            return
+        self.stop.set()
+        self.thread.join()
 
 
 def batches(samples, batch_size: int) -> Iterator[list[dict]]:

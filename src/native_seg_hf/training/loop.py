@@ -17,6 +17,7 @@ same samples in the same order.
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -84,6 +85,10 @@ class TrainArguments:
                                                              "IterableDataset with a shuffle buffer, split between "
                                                              "processes by node); --no_streaming loads it in memory"})
     shuffle_buffer: int = 256
+    # Workers decode in parallel with the training step; one core stays with the step itself.
+    num_workers: int = field(default=min(4, max(0, (os.cpu_count() or 1) - 1)), metadata={
+        "help": "data loader worker processes that decode and augment the training stream (default: the CPU cores "
+                "but one, at most 4; 0: in the training process). A resumed run needs the same number"})
     crop_height: int = 256
     crop_width: int = 352
     base_short_side: int | None = field(default=None, metadata={"help": "short side before random scaling "
@@ -198,10 +203,16 @@ def targets_for(args: TrainArguments) -> str:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {
-        key: [item.to(device) for item in value] if isinstance(value, list) else value.to(device)
-        for key, value in batch.items()
-    }
+    """The batch on `device`; to a GPU through pinned memory, so that the copy does not wait for the CPU."""
+    device = torch.device(device)
+
+    def move(tensor):
+        if device.type == "cuda":
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device)
+
+    return {key: [move(item) for item in value] if isinstance(value, list) else move(value)
+            for key, value in batch.items()}
 
 
 @torch.no_grad()
@@ -443,7 +454,7 @@ def train(args: TrainArguments) -> dict:
     decoder = SampleDecoder(args.image_column, args.label_column, args.instance_column, args.id_column or None,
                             augmentation)
     stream = TrainStream(load_split(args.dataset, args.train_split, columns, args.streaming), decoder, args.seed,
-                         args.shuffle_buffer, accelerator.process_index, accelerator.num_processes)
+                         args.shuffle_buffer, accelerator.process_index, accelerator.num_processes, args.num_workers)
     step = 0
     if args.resume_from_checkpoint:
         state = resume(accelerator, stream, output_dir, args.resume_from_checkpoint)
