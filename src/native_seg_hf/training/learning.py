@@ -97,11 +97,16 @@ RECIPES = {
 }
 
 
-def senatra_builder(preset: str, grouping: str | None = None):
+# Nano without its stride-32 stage (its blocks move to stage 3): final tokens at stride 16, so four times as many
+# of them carry the native head's labels (README: the final grid bounds what can be labelled).
+STRIDE16 = dict(hidden_sizes=[32, 64, 128], depths=[1, 2, 6], num_heads=[1, 2, 4], grouping_types=["local", "dense"])
+
+
+def senatra_builder(preset: str, grouping: str | None = None, **fields):
     def build(num_labels: int, overrides: dict) -> torch.nn.Module:
-        extra = {"grouping_types": [grouping] * 3} if grouping else {}
+        config = {**fields, **({"grouping_types": [grouping] * (len(fields.get("depths", [0] * 4)) - 1)} if grouping else {})}
         return SeNaTraForSemanticSegmentation(SeNaTraConfig.from_preset(preset, num_labels=num_labels,
-                                                                        **{**extra, **overrides}))
+                                                                        **{**config, **overrides}))
     return build
 
 
@@ -128,6 +133,8 @@ def segmenter_linear(num_labels: int, overrides: dict) -> torch.nn.Module:
 MODEL_BUILDERS = {
     "senatra": senatra_builder("nano"),
     "senatra-none": senatra_builder("nano", "none"),
+    "senatra-s16": senatra_builder("nano", **STRIDE16),
+    "senatra-s16-none": senatra_builder("nano", "none", **STRIDE16),
     "senatra-universal": senatra_universal,
     "segformer-b0": segformer_b0,
     "segmenter-linear": segmenter_linear,
