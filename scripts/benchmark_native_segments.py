@@ -12,6 +12,7 @@ error; averaged over each image's human segmentations) at the image's original s
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -36,10 +37,14 @@ def human_segmentations(mat: Path) -> list[np.ndarray]:
 
 
 def uniform_grid(height: int, width: int, count: int) -> np.ndarray:
-    """The rows x cols grid (cells as equal as integer division allows) whose cell count is closest to `count`."""
-    rows = min(range(1, count + 1), key=lambda r: (abs(r * max(1, round(count / r)) - count),
-                                                   abs(width / max(1, round(count / r)) - height / r)))
-    cols = max(1, round(count / rows))
+    """A grid of near-square cells (rows x cols, cells as equal as integer division allows) with about `count`
+    cells: rows within 20% of the square-cell ideal sqrt(count * height / width)."""
+    ideal = math.sqrt(count * height / width)
+    candidates = range(max(1, math.floor(ideal / 1.2)), min(height, math.ceil(ideal * 1.2)) + 1)
+    error = lambda r: abs(r * max(1, round(count / r)) - count)  # noqa: E731
+    # the squarest cells among counts within 5% of the target, else the closest count
+    rows = min(candidates, key=lambda r: (error(r) > 0.05 * count, abs(r - ideal) if error(r) <= 0.05 * count else error(r)))
+    cols = min(width, max(1, round(count / rows)))
     ys = np.arange(height) * rows // height
     xs = np.arange(width) * cols // width
     return ys[:, None] * cols + xs[None, :]

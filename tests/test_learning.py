@@ -152,6 +152,9 @@ def test_uniform_grid_matches_the_segment_count():
         grid = uniform_grid(321, 481, count)
         assert abs(len(np.unique(grid)) - count) <= max(1, 0.05 * count)
         assert grid.shape == (321, 481)
+        rows, cols = len(np.unique(grid[:, 0])), len(np.unique(grid[0]))
+        cell_aspect = (321 / rows) / (481 / cols)
+        assert 0.6 < cell_aspect < 1.7 or count < 10, f"{count}: {rows}x{cols} cells are not near-square"
 
 
 @pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "bsds500" / "val").is_dir(),
