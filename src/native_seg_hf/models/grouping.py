@@ -100,8 +100,8 @@ def dense_bias_index(height: int, width: int, radius: int, device=None) -> torch
     (about 256 MiB for a 1024x2048 image's stride-16 grid). Kept as int32 (half the memory; the table it indexes
     is tiny). Not cached while torch.compile or torch.export trace, whose tensors are fake.
     """
-    if torch.compiler.is_compiling():
-        return relative_bias_index(dense_relative_offsets(height, width, device), radius).to(torch.int32)
+    if torch.compiler.is_compiling():  # int64: ONNX export turns the lookup into a GatherND, which takes no int32
+        return relative_bias_index(dense_relative_offsets(height, width, device), radius)
     return _cached_dense_bias_index(height, width, radius, torch.device(device) if device is not None else None)
 
 
