@@ -198,13 +198,15 @@ KILL_WHILE_SAVING = textwrap.dedent(
 )
 
 
-def test_kill_9_at_any_point_and_resume_continue_the_same_run(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_kill_9_at_any_point_and_resume_continue_the_same_run(tmp_path, num_workers):
     """Killed in the middle of writing checkpoint 3, resumed, killed again at some moment after checkpoint 6,
-    resumed to the end: the same samples at every step and the same final weights as an uninterrupted run."""
+    resumed to the end: the same samples at every step and the same final weights as an uninterrupted run, with
+    decoding in the training process or in 2 DataLoader workers (one shard each, taking turns)."""
     dataset = synthetic_dataset(tmp_path / "d", train=12, validation=2, size=(96, 128))
     # 12 samples in batches of 2: a pass is 6 steps; the run goes into the second pass
     args = run_args(tmp_path, dataset, max_steps=9, save_steps=1, checkpoints_total_limit=3, sample_log=True,
-                    crop_height=64, crop_width=96, eval_split="")
+                    crop_height=64, crop_width=96, eval_split="", num_workers=num_workers)
     reference = train(TrainArguments(**{**asdict(args), "output_dir": str(tmp_path / "reference"), "save_steps": 0}))
     command = [sys.executable, str(ROOT / "scripts" / "train.py"), *cli(args)]
     checkpoints = Path(args.output_dir) / "checkpoints"

@@ -35,6 +35,7 @@ from datasets import Image as ImageFeature
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from huggingface_hub import hf_hub_download
+import torch
 from PIL import Image, ImageEnhance, UnidentifiedImageError
 from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data import IterableDataset as TorchIterableDataset
@@ -280,7 +281,9 @@ class TrainStream:
                 worker = index % self.num_workers
                 if item is None:  # a placeholder of a worker before the saved next one
                     continue
-                sample, (epoch, position, worker_skipped) = item
+                shared, (epoch, position, worker_skipped) = item
+                sample = {**shared, "image": Image.fromarray(shared["image"].numpy()), "label": shared["label"].numpy(),
+                          "instance": None if shared["instance"] is None else shared["instance"].numpy()}
                 self.workers[worker] = {"epoch": epoch, "position": position, "skipped": worker_skipped}
                 self.next_worker = (worker + 1) % self.num_workers
                 self.decoder.skipped = skipped + sum(w["skipped"] for w in self.workers)
@@ -350,7 +353,12 @@ class _WorkerStream(TorchIterableDataset):
         self.stream.decoder.skipped = state["skipped"]
         if worker < self.next_worker:
             yield None
-        yield from self.stream._samples(state["epoch"], state["position"], worker)
+        for sample, position in self.stream._samples(state["epoch"], state["position"], worker):
+            # As tensors, the pixels travel through shared memory and the worker's pipe carries only their handles:
+            # pickled whole they could fill the pipe, and a worker whose training process was killed would then
+            # never finish exiting.
+            arrays = {key: sample[key] for key in ("image", "label", "instance") if sample[key] is not None}
+            yield {**sample, **{key: torch.from_numpy(np.array(value)) for key, value in arrays.items()}}, position
 
 
 def _keep(item):
