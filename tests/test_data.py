@@ -233,3 +233,10 @@ def test_read_ahead_hides_the_pause_at_the_end_of_each_pass(tmp_path, monkeypatc
 
     assert longest_wait(read_ahead=0) > 0.5
     assert longest_wait(read_ahead=16) < 0.3
+
+
+def test_rewriting_a_dataset_folder_with_fewer_shards_leaves_no_stale_rows(tmp_path):
+    synthetic_dataset(tmp_path / "d", train=8, num_shards=4)
+    synthetic_dataset(tmp_path / "d", train=3, num_shards=1)
+    assert sorted(p.name for p in (tmp_path / "d" / "data").glob("train-*")) == ["train-00000-of-00001.parquet"]
+    assert len(list(load_dataset(str(tmp_path / "d"), split="train", streaming=True))) == 3

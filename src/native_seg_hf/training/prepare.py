@@ -183,6 +183,9 @@ def write_dataset(splits: dict[str, list[dict]], id2label: dict[int, str], out: 
             raise ValueError(f"{out.name}: split {split} is empty")
         dataset = Dataset.from_list(rows, features=features_of(rows[0]))
         shards = min(num_shards, len(rows)) if split == "train" else 1
+        # Shards of an earlier preparation (maybe split differently) would be read as part of this split.
+        for stale in (out / "data").glob(f"{split}-*.parquet"):
+            stale.unlink()
         logger.info("%s: writing %s, %d samples in %d Parquet shard(s)", out.name, split, len(rows), shards)
         bars_were_on = not datasets.are_progress_bars_disabled()
         datasets.disable_progress_bars()  # one nameless "Creating parquet" bar per shard says nothing; the line above does
