@@ -10,7 +10,8 @@ replaying a stream position costs no decoding.
 Distribution: `TrainStream` splits the data between processes with `datasets.distributed.split_dataset_by_node`
 (whole shards when their number divides the world size, else every world_size-th example), and the training loop
 feeds its batches to the model directly, without `accelerator.prepare` on a data loader: Accelerate's own sharding
-or batch dispatching would split the already split stream a second time.
+or batch dispatching would split the already split stream a second time. Within a process, `TrainStream` can
+decode in `torch.utils.data.DataLoader` workers, among which `datasets` deals out that process's shards.
 
 Exact resume: `datasets`' `IterableDataset.state_dict()` drops the content of the shuffle buffer (its
 `load_state_dict` warns that the buffer is refilled), which loses up to `buffer_size` samples of the pass. The
