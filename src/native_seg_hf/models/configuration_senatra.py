@@ -11,6 +11,10 @@ from transformers.backbone_utils import BackboneConfigMixin
 # final-stage widths 512/1024/1536); Mini/Small are NAT's; Nano is a small model for CPU training.
 SENATRA_PRESETS = {
     "nano": dict(hidden_sizes=[32, 64, 128, 256], depths=[1, 2, 4, 2], num_heads=[1, 2, 4, 8], mlp_ratio=3.0),
+    # Nano without its stride-32 stage (those blocks join stage 3): the native head labels tokens at stride 16,
+    # four times as many as at stride 32, for a CPU-sized model (README: "Does grouping earn its place?").
+    "nano-s16": dict(hidden_sizes=[32, 64, 128], depths=[1, 2, 6], num_heads=[1, 2, 4], mlp_ratio=3.0,
+                     grouping_types=["local", "dense"]),
     "mini": dict(hidden_sizes=[64, 128, 256, 512], depths=[3, 4, 6, 5], num_heads=[2, 4, 8, 16], mlp_ratio=3.0),
     "tiny": dict(hidden_sizes=[64, 128, 256, 512], depths=[3, 4, 18, 5], num_heads=[2, 4, 8, 16], mlp_ratio=3.0),
     "small": dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 4, 18, 5], num_heads=[3, 6, 12, 24], mlp_ratio=2.0,
@@ -49,7 +53,7 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a SeNaTra (Native Segmentation Vision Transformer) model. The defaults give SeNaTra-Tiny.
     Other sizes: `SeNaTraConfig.from_preset("base", num_labels=150)`; names in `SENATRA_PRESETS`
-    (`nano`, `mini`, `tiny`, `small`, `base`, `large`).
+    (`nano`, `nano-s16`, `mini`, `tiny`, `small`, `base`, `large`; `nano-s16` has three stages, final stride 16).
 
     Args:
         num_channels (`int`, defaults to 3): channels of the input image.

@@ -9,7 +9,8 @@ evaluation size, step time, the command, the commit and the hardware. `scripts/b
 command line; `--render` writes the README's table from those files only.
 
 Models (`MODEL_BUILDERS`): `senatra` (SeNaTra-Nano, native semantic head, grouping local/local/dense),
-`senatra-none` (the same with strided-conv downsampling, the paper's ablation), `senatra-universal` (SeNaTra-Nano
+`senatra-none` (the same with strided-conv downsampling, the paper's ablation), `senatra-s16` and
+`senatra-s16-none` (the `nano-s16` preset: final tokens at stride 16, with and without grouping), `senatra-universal` (SeNaTra-Nano
 with EoMT-style queries, trained on one mask per class present with Mask2Former's loss and mask annealing over
 the schedule, scored through the semantic post-processing `sum_q p(c|q) sigmoid(mask_q)`), `segformer-b0`
 (Transformers' `SegformerForSemanticSegmentation`, B0 size), `segmenter-linear` (Segmenter's linear decoder on a
@@ -37,7 +38,7 @@ from transformers import Dinov2Config, SegformerConfig, SegformerForSemanticSegm
 
 from ..metrics import MeanIoU
 from ..models.configuration_segmenter import SegmenterConfig
-from ..models.configuration_senatra import SeNaTraConfig
+from ..models.configuration_senatra import SENATRA_PRESETS, SeNaTraConfig
 from ..models.modeling_segmenter import SegmenterForSemanticSegmentation
 from ..models.image_processing_senatra import semantic_logits
 from ..models.modeling_senatra import SeNaTraForSemanticSegmentation, SeNaTraForUniversalSegmentation
@@ -97,16 +98,12 @@ RECIPES = {
 }
 
 
-# Nano without its stride-32 stage (its blocks move to stage 3): final tokens at stride 16, so four times as many
-# of them carry the native head's labels (README: the final grid bounds what can be labelled).
-STRIDE16 = dict(hidden_sizes=[32, 64, 128], depths=[1, 2, 6], num_heads=[1, 2, 4], grouping_types=["local", "dense"])
-
-
-def senatra_builder(preset: str, grouping: str | None = None, **fields):
+def senatra_builder(preset: str, grouping: str | None = None):
     def build(num_labels: int, overrides: dict) -> torch.nn.Module:
-        config = {**fields, **({"grouping_types": [grouping] * (len(fields.get("depths", [0] * 4)) - 1)} if grouping else {})}
+        transitions = len(SENATRA_PRESETS[preset]["depths"]) - 1
+        extra = {"grouping_types": [grouping] * transitions} if grouping else {}
         return SeNaTraForSemanticSegmentation(SeNaTraConfig.from_preset(preset, num_labels=num_labels,
-                                                                        **{**config, **overrides}))
+                                                                        **{**extra, **overrides}))
     return build
 
 
@@ -133,8 +130,8 @@ def segmenter_linear(num_labels: int, overrides: dict) -> torch.nn.Module:
 MODEL_BUILDERS = {
     "senatra": senatra_builder("nano"),
     "senatra-none": senatra_builder("nano", "none"),
-    "senatra-s16": senatra_builder("nano", **STRIDE16),
-    "senatra-s16-none": senatra_builder("nano", "none", **STRIDE16),
+    "senatra-s16": senatra_builder("nano-s16"),
+    "senatra-s16-none": senatra_builder("nano-s16", "none"),
     "senatra-universal": senatra_universal,
     "segformer-b0": segformer_b0,
     "segmenter-linear": segmenter_linear,
