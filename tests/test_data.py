@@ -181,6 +181,9 @@ def test_workers_split_the_shards_and_resume_exactly(tmp_path, world_size):
         full = stream(rank)
         samples = list(itertools.islice(full, 19))  # two passes of 8 and 3 more
         ids = [s["id"] for s in samples]
+        # datasets shares a stream's epoch between forked processes: had the workers not each their own, their
+        # passes would race on it (and reshuffle at random), and the training process would see their epoch
+        assert full.dataset.epoch == 0
         assert len(set(ids[:8])) == len(set(ids[8:16])) == 8 and ids[:8] != ids[8:16]
         passes.append([set(ids[:8]), set(ids[8:16])])
         for head in (3, 8, 11):  # mid-round, at the pass boundary, in the second pass

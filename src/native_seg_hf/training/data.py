@@ -19,6 +19,7 @@ shuffle is deterministic in (seed, epoch), so `TrainStream` saves (epoch, positi
 the pass's undecoded records up to `position`: every sample of the current pass is seen exactly once.
 """
 
+import copy
 import hashlib
 import io
 import json
@@ -283,8 +284,7 @@ class TrainStream:
                 if item is None:  # a placeholder of a worker before the saved next one
                     continue
                 shared, (epoch, position, worker_skipped) = item
-                sample = {**shared, "image": Image.fromarray(shared["image"].numpy()), "label": shared["label"].numpy(),
-                          "instance": None if shared["instance"] is None else shared["instance"].numpy()}
+                sample = _from_tensors(shared)
                 self.workers[worker] = {"epoch": epoch, "position": position, "skipped": worker_skipped}
                 self.next_worker = (worker + 1) % self.num_workers
                 self.decoder.skipped = skipped + sum(w["skipped"] for w in self.workers)
@@ -351,15 +351,31 @@ class _WorkerStream(TorchIterableDataset):
     def __iter__(self):
         worker = get_worker_info().id
         state = self.start[worker]
+        # datasets keeps a stream's epoch in shared memory (for persistent workers, which the training process
+        # sets it for), so the workers' own set_epoch calls would race on one value: each gets a private copy.
+        self.stream.dataset = copy.deepcopy(self.stream.dataset)
         self.stream.decoder.skipped = state["skipped"]
         if worker < self.next_worker:
             yield None
         for sample, position in self.stream._samples(state["epoch"], state["position"], worker):
-            # As tensors, the pixels travel through shared memory and the worker's pipe carries only their handles:
-            # pickled whole they could fill the pipe, and a worker whose training process was killed would then
-            # never finish exiting.
-            arrays = {key: sample[key] for key in ("image", "label", "instance") if sample[key] is not None}
-            yield {**sample, **{key: torch.from_numpy(np.array(value)) for key, value in arrays.items()}}, position
+            yield _to_tensors(sample), position
+
+
+# Samples leave the workers with their images and maps as tensors: these travel through shared memory and the
+# worker's pipe carries only their handles. Pickled whole they could fill the pipe, and a worker whose training
+# process was killed would then never finish exiting.
+def _to_tensors(sample: dict) -> dict:
+    shared = {"_images": [key for key, value in sample.items() if isinstance(value, Image.Image)]}
+    for key, value in sample.items():
+        is_array = isinstance(value, (Image.Image, np.ndarray))
+        shared[key] = torch.from_numpy(np.array(value)) if is_array else value
+    return shared
+
+
+def _from_tensors(shared: dict) -> dict:
+    images = shared.pop("_images")
+    return {key: (Image.fromarray(value.numpy()) if key in images else value.numpy())
+            if isinstance(value, torch.Tensor) else value for key, value in shared.items()}
 
 
 def _keep(item):
