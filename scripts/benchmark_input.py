@@ -119,7 +119,8 @@ def main():
         "command": "python scripts/benchmark_input.py " + " ".join(
             f"--{k} {v}" for k, v in vars(cli).items() if k != "out" and v is not None),
         "commit": commit, "dataset": str(dataset), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "device": str(accelerator.device),
+        "torch_threads": torch.get_num_threads(), "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "device": str(accelerator.device),
         "recipe": "main job: SeNaTra-Nano semantic, 128x160 crops, base short side 180, batch 8, AdamW 4e-4",
         "settings": settings, "rounds": rounds, "summary": summary,
     }
