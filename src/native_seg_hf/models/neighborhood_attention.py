@@ -28,14 +28,15 @@ DENSE_MAX_TOKENS = 256
 
 def window_starts(positions: torch.Tensor, length: int, kernel_size: int) -> torch.Tensor:
     """First key index of the (border-shifted) window of each query position along one axis."""
-    kernel = torch.sym_min(kernel_size, length)  # sym_min: no branch on the length while tracing
-    return (positions - kernel // 2).clamp(0, length - kernel)
+    # min(kernel_size, length) and the clamp as tensor ops: no branch on the length while tracing with symbolic sizes.
+    kernel = torch.full_like(positions, kernel_size).clamp(max=length)
+    return torch.minimum((positions - kernel // 2).clamp(min=0), length - kernel)
 
 
 def _window_mask_1d(queries: torch.Tensor, keys: torch.Tensor, length: int, kernel_size: int) -> torch.Tensor:
     """(..., n_queries, n_keys) bool: key index inside the window of the query index (padding never is)."""
     starts = window_starts(queries, length, kernel_size)[..., :, None]
-    kernel = torch.sym_min(kernel_size, length)
+    kernel = torch.full_like(starts, kernel_size).clamp(max=length)
     return (keys[..., None, :] >= starts) & (keys[..., None, :] < starts + kernel)
 
 
@@ -71,8 +72,11 @@ def _axis_tiling(length: int, kernel_size: int, tile: int, device) -> tuple[torc
     and are never in a window.
     """
     region = tile + 2 * (kernel_size // 2)
-    tiles = torch.arange(-(-length // tile), device=device) * tile
-    starts = (tiles - kernel_size // 2).clamp(0, torch.sym_max(length, region) - region)
+    # length // tile + 1 tiles (one of padding only when the tile divides the axis) and the bounds below as tensor
+    # ops: plain expressions of the length keep tracing with symbolic sizes (torch.export, ONNX) fast.
+    tiles = torch.arange(length // tile + 1, device=device) * tile
+    last_start = (torch.arange(1, device=device) + (length - region)).clamp(min=0)  # max(length - region, 0)
+    starts = torch.minimum((tiles - kernel_size // 2).clamp(min=0), last_start)
     queries = tiles[:, None] + torch.arange(tile, device=device)
     keys = starts[:, None] + torch.arange(region, device=device)
     return keys, _window_mask_1d(queries, keys, length, kernel_size)
@@ -85,8 +89,7 @@ def _tiling(height: int, width: int, kernel_size: int, tile: int, device, dtype)
     (n_y, n_x, tile * tile, region_y * region_x): 0 inside a query's window, -inf outside."""
     rows, mask_rows = _axis_tiling(height, kernel_size, tile, device)
     cols, mask_cols = _axis_tiling(width, kernel_size, tile, device)
-    padded_width = torch.sym_max(width, cols.shape[1])
-    index = (rows[:, None, :, None] * padded_width + cols[None, :, None, :]).flatten()
+    index = (rows[:, None, :, None] * (width + cols.shape[1]) + cols[None, :, None, :]).flatten()
     mask = mask_rows[:, None, :, None, :, None] & mask_cols[None, :, None, :, None, :]
     mask = mask.reshape(mask_rows.shape[0], mask_cols.shape[0], tile * tile, -1)
     return index, torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill_(~mask, float("-inf"))
@@ -95,7 +98,7 @@ def _tiling(height: int, width: int, kernel_size: int, tile: int, device, dtype)
 def _query_tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
     """(B, h, H, W, d) -> (B, h, n_y, n_x, tile * tile, d), the grid zero-padded to whole tiles."""
     b, h, height, width, d = x.shape
-    x = F.pad(x, (0, 0, 0, -width % tile, 0, -height % tile))
+    x = F.pad(x, (0, 0, 0, tile, 0, tile))  # whole tiles, as many as `_axis_tiling` makes
     blocks = x.unfold(2, tile, tile).unfold(3, tile, tile)  # (B, h, n_y, n_x, d, tile, tile)
     return blocks.permute(0, 1, 2, 3, 5, 6, 4).reshape(b, h, blocks.shape[2], blocks.shape[3], -1, d)
 
@@ -105,8 +108,7 @@ def _key_regions(x: torch.Tensor, index: torch.Tensor, region_side: int, tiles: 
     `tiles` = (n_y, n_x)), gathered in one copy as rows of d channels with `F.embedding`, the fastest gather on a CPU
     (several times faster than `index_select` along a middle dimension)."""
     b, h, height, width, d = x.shape
-    pad_y, pad_x = torch.sym_max(height, region_side) - height, torch.sym_max(width, region_side) - width
-    x = F.pad(x, (0, 0, 0, pad_x, 0, pad_y)).reshape(b * h, -1, d)  # (B * h, positions, d)
+    x = F.pad(x, (0, 0, 0, region_side, 0, region_side)).reshape(b * h, -1, d)  # (B * h, positions, d)
     rows = (torch.arange(b * h, device=x.device)[:, None] * x.shape[1] + index).flatten()
     return F.embedding(rows, x.reshape(-1, d)).reshape(b, h, *tiles, region_side * region_side, d)
 
