@@ -6,7 +6,9 @@ last stage's stride, 32) and to the largest such size in the batch, or to a fixe
 Post-processing recomputes that geometry from `target_sizes` (the original sizes of the whole batch) and this
 processor's settings, then samples the model's outputs, whatever their resolution (stride-4 logits, full-resolution
 sliding-window logits), straight onto the original pixel grid in one resampling: padding and resizing are undone
-together.
+together. Memory stays bounded at any photo size: decisions (scores, which segments are kept) are measured on the grid
+the model saw, maps are made in row bands (`CHUNK_ELEMENTS`) that resample only the classes or queries that can win
+them, and each kept instance's mask only over the window it can cover.
 
 Two kinds of outputs are understood:
 - semantic logits: `logits` (B, C, h, w), as `SeNaTraForSemanticSegmentation` and `SegmenterForSemanticSegmentation`
@@ -22,7 +24,6 @@ Two kinds of outputs are understood:
 This file imports only installed packages, so Transformers can copy it next to the weights as remote code.
 """
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
