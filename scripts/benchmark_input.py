@@ -15,6 +15,7 @@ The machine's load average is recorded before and after each run.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -87,6 +88,16 @@ def run(dataset: Path, id2label: dict, num_workers: int, read_ahead: int, steps:
     }
 
 
+def summarize(rounds: list[dict]) -> dict:
+    """Median images/s and the longest stall of each setting over the rounds; after/before per round (a round's
+    two runs see about the same load)."""
+    summary = {name: {"images_per_second_median": statistics.median(r[name]["images_per_second"] for r in rounds),
+                      "longest_stall_seconds": max(r[name]["longest_stall_seconds"] for r in rounds)}
+               for name in rounds[0]}
+    summary["speedup_per_round"] = [r["after"]["images_per_second"] / r["before"]["images_per_second"] for r in rounds]
+    return summary
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, help="a prepared CamVid folder (default: the main job's)")
@@ -108,12 +119,7 @@ def main():
                   f"{record[name]['longest_stall_seconds']:.2f} s (load {record[name]['load_average_before'][0]:.1f})",
                   flush=True)
         rounds.append(record)
-    summary = {}
-    for name in settings:
-        speeds = sorted(r[name]["images_per_second"] for r in rounds)
-        summary[name] = {"images_per_second_median": speeds[len(speeds) // 2],
-                         "longest_stall_seconds": max(r[name]["longest_stall_seconds"] for r in rounds)}
-    summary["speedup_per_round"] = [r["after"]["images_per_second"] / r["before"]["images_per_second"] for r in rounds]
+    summary = summarize(rounds)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
         "command": "python scripts/benchmark_input.py " + " ".join(
