@@ -309,6 +309,10 @@ ONE_STEP = textwrap.dedent(
         results[kind] = {"loss": accelerator.reduce(torch.tensor(loss), "mean").item(), "grads": grads}
     if accelerator.is_main_process:
         torch.save(results, sys.argv[1])
+    # Tear the process group down before exiting: gloo's threads still running at interpreter exit can abort a
+    # process ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     """
 )
 
