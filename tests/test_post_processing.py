@@ -209,7 +209,11 @@ def test_the_size_of_the_bands_never_changes_an_answer(monkeypatch):
     narrow, _ = post_process_all(processor, predictions, size)
     for key, value in wide.items():
         if isinstance(value, dict):
-            assert value["segments_info"] == narrow[key]["segments_info"], key
+            # Same segments in the same order; a score may differ in its last digit (float sums in another order).
+            strip = lambda infos: [{k: v for k, v in info.items() if k != "score"} for info in infos]  # noqa: E731
+            assert strip(value["segments_info"]) == strip(narrow[key]["segments_info"]), key
+            scores = [[info["score"] for info in answer[key]["segments_info"]] for answer in (wide, narrow)]
+            assert scores[0] == pytest.approx(scores[1], abs=1e-5), key
             assert torch.equal(value["segmentation"], narrow[key]["segmentation"]), key
         elif isinstance(value, tuple):
             assert torch.equal(value[0], narrow[key][0]) and value[1] == narrow[key][1], key
