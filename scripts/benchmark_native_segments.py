@@ -25,7 +25,7 @@ from skimage.segmentation import slic
 
 from native_seg_hf.metrics import GroupingMetrics
 from native_seg_hf.models.modeling_senatra import SeNaTraForSemanticSegmentation
-from native_seg_hf.training.learning import eval_inputs, git_commit, hardware
+from native_seg_hf.training.learning import eval_inputs, git_commit, hardware, portable_path
 
 ROOT = Path(__file__).resolve().parent.parent
 BSDS = ROOT.parent / "shared" / "data" / "bsds500"
@@ -84,7 +84,7 @@ def main():
                           "slic": slic(np.asarray(image), n_segments=count, compactness=10, start_label=0)}
             for name, prediction in candidates.items():
                 metrics.setdefault(level, {}).setdefault(name, GroupingMetrics()).update([prediction], [truths])
-    report = {"model": str(args.model), "images": len(images), "short_side": args.short_side,
+    report = {"model": portable_path(args.model), "images": len(images), "short_side": args.short_side,
               "dataset": "BSDS500 validation (non-commercial research and education)",
               "command": "python scripts/benchmark_native_segments.py " + " ".join(sys.argv[1:]),
               "commit": git_commit(), "hardware": hardware(), "levels": {}}

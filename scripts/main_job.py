@@ -32,7 +32,7 @@ from PIL import Image
 from transformers import pipeline
 
 from native_seg_hf.training.hub import finish_run
-from native_seg_hf.training.learning import git_commit, hardware
+from native_seg_hf.training.learning import git_commit, hardware, portable_path
 from native_seg_hf.training.loop import TrainArguments, train
 from native_seg_hf.training.prepare import prepare, prepare_camvid_files
 from native_seg_hf.visualize import hierarchy_picture, semantic_overlay
@@ -93,7 +93,7 @@ def main():
     summary = {"camvid_val_mean_iou": metrics["mean_iou"], "val_images": metrics["num_images"],
                "steps": result["steps"], "steps_per_second": result["steps_per_second"],
                "train_minutes": result["train_seconds"] / 60,
-               "minutes": (time.perf_counter() - start) / 60, "dataset": str(dataset),
+               "minutes": (time.perf_counter() - start) / 60, "dataset": portable_path(dataset),
                "per_class_iou": dict(zip(model.config.id2label.values(), metrics.get("per_category_iou", []))),
                "command": "python " + " ".join(["scripts/main_job.py", *sys.argv[1:]]), "commit": git_commit(),
                "hardware": hardware()}

@@ -179,3 +179,11 @@ def test_the_stride16_preset_labels_tokens_at_stride_16():
     assert out.last_hidden_state.shape[-2:] == (4, 6)
     logits = model(pixel_values=torch.randn(1, 3, 64, 96)).logits
     assert logits.shape == (1, 11, 16, 24)
+
+
+def test_run_records_name_no_machine_folders(tmp_path, monkeypatch):
+    from native_seg_hf.training.learning import portable_path
+
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(tmp_path / "outputs" / "m") == "outputs/m"
+    assert portable_path(Path.home() / ".cache" / "x") == "~/.cache/x"  # tmp_path lies outside the home folder

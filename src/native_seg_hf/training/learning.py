@@ -272,6 +272,16 @@ def train_step(model, optimizer, scheduler, batch: dict, max_grad_norm: float) -
     return loss.item()
 
 
+def portable_path(path: str | Path) -> str:
+    """A path as a run record keeps it: relative to the working directory when inside it, else with the home
+    folder written `~`, so committed records name no machine's folders."""
+    path = Path(path).expanduser().resolve()
+    for base, prefix in ((Path.cwd().resolve(), ""), (Path.home().resolve(), "~/")):
+        if path.is_relative_to(base):
+            return prefix + str(path.relative_to(base))
+    return str(path)
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -331,7 +341,7 @@ def train_and_evaluate(spec: RunSpec, dataset: str | Path, results: Path, comman
         "eval_size_short_side": recipe.eval_short_side, "train_images": len(train_samples),
         "val_images": len(val_samples), "id2label": {str(k): v for k, v in id2label.items()},
         "val_miou_by_step": {}, "per_class_iou_by_step": {}, "train_loss_by_step": {},
-        "command": command, "commit": git_commit(), "hardware": hardware(), "dataset": str(dataset),
+        "command": command, "commit": git_commit(), "hardware": hardware(), "dataset": portable_path(dataset),
     }
     partial = spec.path(results).with_suffix(".partial")
     results.mkdir(parents=True, exist_ok=True)
