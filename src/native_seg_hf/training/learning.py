@@ -8,9 +8,10 @@ flips and jitter, in the same order), so curves differ only by the model. One ru
 evaluation size, step time, the command, the commit and the hardware. `scripts/benchmark_learning.py` is the
 command line; `--render` writes the README's table from those files only.
 
-Models (`MODEL_BUILDERS`): `senatra` (SeNaTra-Nano, native semantic head, grouping local/local/dense),
-`senatra-none` (the same with strided-conv downsampling, the paper's ablation), `senatra-s16` and
-`senatra-s16-none` (the `nano-s16` preset: final tokens at stride 16, with and without grouping), `senatra-universal` (SeNaTra-Nano
+Models (`MODEL_BUILDERS`): `senatra` (the native SeNaTra the main job trains: the `nano-s16` preset, final tokens at
+stride 16, grouping local/dense, native semantic head), `senatra-none` (the same with strided-conv downsampling, the
+paper's ablation), `senatra-nano` and `senatra-nano-none` (the `nano` preset, final tokens at stride 32, grouping
+local/local/dense, with and without grouping), `senatra-universal` (SeNaTra-Nano
 with EoMT-style queries, trained on one mask per class present with Mask2Former's loss and mask annealing over
 the schedule, scored through the semantic post-processing `sum_q p(c|q) sigmoid(mask_q)`), `segformer-b0`
 (Transformers' `SegformerForSemanticSegmentation`, B0 size), `segmenter-linear` (Segmenter's linear decoder on a
@@ -128,10 +129,10 @@ def segmenter_linear(num_labels: int, overrides: dict) -> torch.nn.Module:
 
 
 MODEL_BUILDERS = {
-    "senatra": senatra_builder("nano"),
-    "senatra-none": senatra_builder("nano", "none"),
-    "senatra-s16": senatra_builder("nano-s16"),
-    "senatra-s16-none": senatra_builder("nano-s16", "none"),
+    "senatra": senatra_builder("nano-s16"),
+    "senatra-none": senatra_builder("nano-s16", "none"),
+    "senatra-nano": senatra_builder("nano"),
+    "senatra-nano-none": senatra_builder("nano", "none"),
     "senatra-universal": senatra_universal,
     "segformer-b0": segformer_b0,
     "segmenter-linear": segmenter_linear,
