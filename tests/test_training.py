@@ -23,7 +23,8 @@ from transformers import TrainingArguments as HfTrainingArguments
 import native_seg_hf as ns
 from native_seg_hf.training.data import Augmentation, load_id2label, load_split
 from native_seg_hf.training.hub import finish_run
-from native_seg_hf.training.loop import TrainArguments, evaluate_saved, train
+from native_seg_hf.training import loop as training_loop
+from native_seg_hf.training.loop import TrainArguments, evaluate_saved, train, training_threads
 from native_seg_hf.training.optim import create_optimizer, create_scheduler, layer_decay_groups
 from native_seg_hf.training.trainer import MeanIoUMetrics, preprocess_logits_for_metrics, trainer_transform
 from segmentation_datasets import ID2LABEL, SHARED_CAMVID, camvid_dataset, synthetic_dataset, synthetic_rows
@@ -152,6 +153,39 @@ def test_every_model_kind_trains(tmp_path, model):
     assert 0 <= result["metrics"]["mean_iou"] <= 1
     if model != "segmenter":  # annealing ran to its end: masked attention is off
         assert result["model"].attn_mask_probs.abs().max() < 1e-5
+
+
+def test_training_threads_leave_a_core_to_each_worker(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert training_threads(num_workers=0) == 8
+    assert training_threads(num_workers=3) == 5
+    assert training_threads(num_workers=12) == 1  # never fewer than one
+    assert training_threads(num_workers=3, requested=6) == 6
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two training processes on this machine share its cores
+    assert training_threads(num_workers=1) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # what the launcher (or the user) set wins
+    assert training_threads(num_workers=1) == 2
+
+
+def test_train_runs_its_steps_with_the_threads_its_workers_leave(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(3)), raising=False)
+    threads_before = torch.get_num_threads()
+    seen = []
+    original_step = training_loop.train_step
+
+    def train_step(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original_step(*args, **kwargs)
+
+    monkeypatch.setattr(training_loop, "train_step", train_step)
+    dataset = synthetic_dataset(tmp_path / "d", train=4, validation=2)
+    result = train(run_args(tmp_path, dataset, max_steps=2, eval_split="", num_workers=1))
+    assert seen == [2, 2]  # 3 cores, one for the worker
+    assert json.loads((result["output_dir"] / "all_results.json").read_text())["torch_threads"] == 2
+    assert torch.get_num_threads() == threads_before  # restored once the workers are gone
 
 
 def test_panoptic_training_uses_instance_maps(tmp_path):

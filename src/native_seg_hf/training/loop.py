@@ -89,6 +89,10 @@ class TrainArguments:
     num_workers: int = field(default=min(4, max(0, (os.cpu_count() or 1) - 1)), metadata={
         "help": "data loader worker processes that decode and augment the training stream (default: the CPU cores "
                 "but one, at most 4; 0: in the training process). A resumed run needs the same number"})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "torch intra-op threads of each training process while it trains (default: OMP_NUM_THREADS when "
+                "set, else this process's share of the cores less one per data loader worker, at least 1; see "
+                "training_threads)"})
     crop_height: int = 256
     crop_width: int = 352
     base_short_side: int | None = field(default=None, metadata={"help": "short side before random scaling "
@@ -128,6 +132,26 @@ class TrainArguments:
     hub_model_id: str | None = None
     sample_log: bool = field(default=False, metadata={"help": "record each step's sample ids in "
                                                               "samples_<rank>.jsonl"})
+
+
+def training_threads(num_workers: int, requested: int | None = None) -> int:
+    """Torch intra-op threads for one training process whose stream runs `num_workers` data loader workers.
+
+    `requested` when given, else `OMP_NUM_THREADS` when set (as `accelerate launch` and `torchrun` set it for
+    several processes per machine), else the cores this process may run on (its CPU affinity) divided between the
+    training processes of this machine (`LOCAL_WORLD_SIZE`), less one core per worker, and at least 1. Each worker
+    decodes on a core of its own (PyTorch runs workers with one thread); with torch's default, one thread per core,
+    the step's threads and the workers would outnumber the cores, and every parallel operation of the step would
+    wait at its barrier for a thread the OS had set aside for a worker: the step slows down several times instead
+    of overlapping with decoding.
+    """
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, cores // processes - num_workers)
 
 
 def build_model(args: TrainArguments, id2label: dict[int, str]):
@@ -475,6 +499,8 @@ def train(args: TrainArguments) -> dict:
     targets = targets_for(args)
     sample_log = (output_dir / f"samples_{accelerator.process_index}.jsonl").open("a") if args.sample_log else None
     micro_batches = batches(stream, args.per_device_batch_size)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(training_threads(stream.num_workers, args.num_threads))  # back once the workers are gone
     progress = tqdm(total=length.steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     model.train()
     metrics, start_step, run_start = {}, step, time.perf_counter()
@@ -522,6 +548,8 @@ def train(args: TrainArguments) -> dict:
     progress.close()
     train_seconds = length.elapsed()
     micro_batches.close()  # ends the stream's reader now rather than at interpreter exit
+    train_threads = torch.get_num_threads()
+    torch.set_num_threads(threads_before)
     steps_per_second = (step - start_step) / (time.perf_counter() - run_start)
     if sample_log:
         sample_log.close()
@@ -537,7 +565,7 @@ def train(args: TrainArguments) -> dict:
         unwrapped.save_pretrained(output_dir / "model")
         processor.save_pretrained(output_dir / "model")
         results = {"metrics": metrics, "steps": step, "steps_per_second": steps_per_second,
-                   "train_seconds": train_seconds,
+                   "train_seconds": train_seconds, "torch_threads": train_threads,
                    "num_processes": accelerator.num_processes, "training_args": asdict(args),
                    "transformers_version": transformers.__version__}
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
