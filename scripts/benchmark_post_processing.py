@@ -3,13 +3,22 @@
 fresh process so that each peak resident memory (the process's maximum resident set) is its own, plus the
 processor's instance and panoptic post-processing at threshold 0 (every candidate kept and painted).
 
-    python scripts/benchmark_post_processing.py [--width 4000 --height 3000] [--num_queries 100] [--threads 2]
+The processor's default resize bounds what the model sees (short side 512, long side at most 2048: 4000x3000 becomes
+512x704), so the model's time does not grow with the photo. Each case runs once per torch thread count in
+`--threads`, alternately (case A at 1 thread, case A at 2, case B at 1, ...), so that the machine's load hits both:
+on a CPU whose cores other jobs already hold, a second intra-op thread makes each of the model's small operations
+wait for a core at its barrier, and the model's time multiplies (the load averages are recorded per case).
 
-Writes results/post_processing.json (`cases`: seconds, peak GB and segments per case, and the command).
+    python scripts/benchmark_post_processing.py [--width 4000 --height 3000] [--num_queries 100] [--threads 1 2]
+
+Writes results/post_processing.json (`cases`: seconds, peak GB and segments per case and thread count, the
+command, commit and machine).
 """
 
 import argparse
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
@@ -35,6 +44,7 @@ def photo(width: int, height: int):
 
 def run_case(case: str, model_dir: str, width: int, height: int) -> dict:
     """One case in this (fresh) process: its time and the peak resident memory it reached."""
+    import torch
     from transformers import pipeline
 
     import native_seg_hf  # noqa: F401 (registers the model types)
@@ -59,7 +69,8 @@ def run_case(case: str, model_dir: str, width: int, height: int) -> dict:
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports kB
     seconds = {"total": finished - start, "preprocess": prepared - start, "model": predicted - prepared,
                "postprocess": finished - predicted}
-    return {"case": case, "seconds": {k: round(v, 2) for k, v in seconds.items()}, "peak_gb": round(peak_gb, 3),
+    return {"case": case, "model_input": list(inputs["pixel_values"].shape[-2:]), "threads": torch.get_num_threads(),
+            "seconds": {k: round(v, 2) for k, v in seconds.items()}, "peak_gb": round(peak_gb, 3),
             "segments": segments}
 
 
@@ -68,7 +79,7 @@ def main():
     parser.add_argument("--width", type=int, default=4000)
     parser.add_argument("--height", type=int, default=3000)
     parser.add_argument("--num_queries", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts, each case at each")
     parser.add_argument("--output", default=str(ROOT / "results" / "post_processing.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -76,14 +87,15 @@ def main():
 
     import torch
 
-    torch.set_num_threads(args.threads)
     if args.case:
+        torch.set_num_threads(args.threads[0])
         print(json.dumps(run_case(args.case, args.model, args.width, args.height)))
         return
 
     import native_seg_hf as ns
 
     results = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         config = ns.SeNaTraConfig.from_preset("nano", num_labels=20, num_queries=args.num_queries)
@@ -92,13 +104,17 @@ def main():
         model.save_pretrained(folder)
         ns.SeNaTraImageProcessor.from_model_config(config).save_pretrained(folder)
         for case in CASES:
-            command = [sys.executable, __file__, "--case", case, "--model", folder, "--width", str(args.width),
-                       "--height", str(args.height), "--threads", str(args.threads)]
-            finished = subprocess.run(command, capture_output=True, text=True, check=True)
-            results.append(json.loads(finished.stdout.strip().splitlines()[-1]))
-            seconds = results[-1]["seconds"]
-            print(f"{case:22s} {seconds['total']:6.2f} s (post-processing {seconds['postprocess']:5.2f} s, model "
-                  f"{seconds['model']:5.2f} s)  {results[-1]['peak_gb']:5.2f} GB peak  {results[-1]['segments']} segments")
+            for threads in args.threads:
+                command = [sys.executable, __file__, "--case", case, "--model", folder, "--width", str(args.width),
+                           "--height", str(args.height), "--threads", str(threads)]
+                load = os.getloadavg()
+                finished = subprocess.run(command, capture_output=True, text=True, check=True)
+                results.append({**json.loads(finished.stdout.strip().splitlines()[-1]), "load_average_before": load})
+                seconds = results[-1]["seconds"]
+                print(f"{case:22s} {threads} thread(s) {seconds['total']:6.2f} s (post-processing "
+                      f"{seconds['postprocess']:5.2f} s, model {seconds['model']:5.2f} s)  "
+                      f"{results[-1]['peak_gb']:5.2f} GB peak  {results[-1]['segments']} segments (load {load[0]:.1f})",
+                      flush=True)
 
     report = {
         "benchmark": "post_processing",
@@ -107,6 +123,12 @@ def main():
         "threads": args.threads,
         "cases": results,
         "command": " ".join(["python", "scripts/benchmark_post_processing.py", *sys.argv[1:]]),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "note": "a shared CPU: other jobs ran during the benchmark (load averages per case), so absolute seconds are "
+                "inflated; compare a case's thread counts, which ran one after the other",
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
