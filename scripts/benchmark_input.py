@@ -9,8 +9,8 @@ step's threads and theirs outnumber the cores).
                                       [--out results/input_pipeline.json]
 
 The main job's recipe (`scripts/main_job.py`): SeNaTra nano-s16, native semantic head, 128x160 crops of the half-size CamVid
-images, batch 8, AdamW. Each round runs both settings one after the other in this one process (before, after,
-before, after, ...), each from a fresh stream and the same initial weights, so that a change of the machine's load
+images, batch 8, AdamW. Each round runs the four settings one after the other in this one process, each from a
+fresh stream and the same initial weights, so that a change of the machine's load
 hits all. Per setting it records images/s over the steps after the first (which includes the workers' start) and
 every wait for a batch: the longest is the stall, e.g. `datasets`' pause when a pass's Parquet files are exhausted.
 The machine's load average is recorded before and after each run.
@@ -116,6 +116,8 @@ def main():
     parser.add_argument("--num_workers", type=int, default=TrainArguments.num_workers, help="workers of 'after'")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "input_pipeline.json")
     cli = parser.parse_args()
+    # the code that runs: the commit at the start (the tree may move on during a long run)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dataset = camvid_folder(cli.dataset)
     id2label = load_id2label(dataset)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -139,7 +141,6 @@ def main():
                   flush=True)
         rounds.append(record)
     summary = summarize(rounds)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
         "command": "python scripts/benchmark_input.py " + " ".join(
             f"--{k} {v}" for k, v in vars(cli).items() if k != "out" and v is not None),

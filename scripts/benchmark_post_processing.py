@@ -94,6 +94,8 @@ def main():
 
     import native_seg_hf as ns
 
+    # the code that runs: the commit at the start (the tree may move on during the run)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     results = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
@@ -123,7 +125,7 @@ def main():
         "threads": args.threads,
         "cases": results,
         "command": " ".join(["python", "scripts/benchmark_post_processing.py", *sys.argv[1:]]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "commit": commit,
         "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
