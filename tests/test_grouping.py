@@ -16,6 +16,7 @@ from native_seg_hf.models.grouping import (
     upsample,
     upsample_through,
 )
+from native_seg_hf.models import neighborhood_attention as na_module
 from native_seg_hf.models.neighborhood_attention import neighborhood_attention_torch, window_starts
 
 
@@ -187,6 +188,50 @@ def test_neighborhood_attention_gradients_match_reference():
     out = neighborhood_attention_torch(q, k, v, 5, tile=4, dense_max_tokens=0)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     ref = dense_neighbourhood_reference(q, k, v, 5)
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
+        assert torch.allclose(g, r, atol=1e-10)
+
+
+NEIGHBOURHOOD_GRIDS = [(13, 21, 7, 8), (7, 7, 7, 8), (5, 30, 7, 8), (9, 17, 3, 4), (16, 16, 7, 16), (3, 3, 5, 8),
+                       (26, 12, 7, 8), (24, 40, 5, 4), (12, 6, 11, 8), (32, 32, 7, 4), (12, 20, 7, 4), (30, 15, 7, 4)]
+
+
+@pytest.mark.parametrize("height,width,kernel,tile", NEIGHBOURHOOD_GRIDS)
+def test_neighborhood_attention_key_region_forms_equal_dense_masked_reference(height, width, kernel, tile):
+    # The two ways of making key regions separately: strided views of column strips (eager, axes divisible by a
+    # tile side) and the branch-free gather (every grid; the only form while exporting).
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(2, 3, height, width, 8, dtype=torch.float64) for _ in range(3))
+    ref = dense_neighbourhood_reference(q, k, v, kernel)
+    assert torch.allclose(na_module._attend_gathered_tiles(q, k, v, kernel, tile), ref, atol=1e-10)
+    tile_y, tile_x = (na_module.view_tile_side(n, kernel, tile) for n in (height, width))
+    if tile_y is not None and tile_x is not None:
+        bias = na_module._view_bias(height, width, kernel, tile_y, tile_x, q.device, q.dtype)
+        if bias is not None:
+            assert torch.allclose(na_module._attend_view_tiles(q, k, v, kernel, tile_y, tile_x, bias), ref, atol=1e-10)
+
+
+def test_neighborhood_attention_takes_views_in_eager_and_the_gather_while_exporting(monkeypatch):
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 32, 32, 8, dtype=torch.float64) for _ in range(3))
+    calls = []
+    for name in ("_attend_view_tiles", "_attend_gathered_tiles"):
+        original = getattr(na_module, name)
+        monkeypatch.setattr(na_module, name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
+    eager = neighborhood_attention_torch(q, k, v, 7)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    exporting = neighborhood_attention_torch(q, k, v, 7)
+    assert calls == ["_attend_view_tiles", "_attend_gathered_tiles"]
+    assert torch.allclose(eager, exporting, atol=1e-12)
+
+
+def test_neighborhood_attention_view_tiles_gradients_match_reference():
+    torch.manual_seed(9)
+    q, k, v = (torch.randn(2, 2, 12, 20, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = na_module._view_bias(12, 20, 7, 4, 4, q.device, q.dtype)
+    out = na_module._attend_view_tiles(q, k, v, 7, 4, 4, bias)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref = dense_neighbourhood_reference(q, k, v, 7)
     for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
         assert torch.allclose(g, r, atol=1e-10)
 

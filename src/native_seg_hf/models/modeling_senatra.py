@@ -141,7 +141,8 @@ def rotary_embedding_2d(height: int, width: int, head_dim: int, theta: float, de
 
 
 def apply_rotary_2d(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, W, heads, head_dim) by `rotation` from `rotary_embedding_2d` (one complex multiply)."""
+    """Rotate x (B, H, W, ..., head_dim) by `rotation` from `rotary_embedding_2d` (one complex multiply), its middle
+    axis broadcasting over the heads (index it with None for more axes before the heads)."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
@@ -168,12 +169,13 @@ class SeNaTraAttention(nn.Module):
         """(B, H, W, C) tokens [and (B, K, C) queries] -> the same shapes; `rotation` from `rotary_embedding_2d`."""
         b, h, w, c = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(b, h, w, 3, self.num_heads, self.head_dim)
-        # Rotate while channels are still contiguous, then move heads forward: (B, heads, H, W, head_dim).
-        query = apply_rotary_2d(qkv[:, :, :, 0], rotation).permute(0, 3, 1, 2, 4)
-        key = apply_rotary_2d(qkv[:, :, :, 1], rotation).permute(0, 3, 1, 2, 4)
+        # Rotate queries and keys in one multiply while channels are still contiguous, then move heads forward:
+        # (B, heads, H, W, head_dim).
+        query, key = apply_rotary_2d(qkv[:, :, :, :2], rotation[:, :, None]).permute(3, 0, 4, 1, 2, 5)
         value = qkv[:, :, :, 2].permute(0, 3, 1, 2, 4)
         if queries is None:
             out = neighborhood_attention(query, key, value, self.kernel_size)
+            # A view when the attention already wrote (B, H, W, heads, head_dim), as its PyTorch path does.
             return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)), None
 
         k = queries.shape[1]
