@@ -86,7 +86,7 @@ def export_onnx(
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30
     with torch.no_grad():
         torch.onnx.export(
-            _OutputTensors(model.eval(), names),
+            _OutputTensors(model.eval(), names).eval(),  # the wrapper too, or the exporter warns of training mode
             (example,),
             str(output),
             dynamo=True,
