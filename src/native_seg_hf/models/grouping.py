@@ -66,6 +66,29 @@ def neighbour_valid(h: int, w: int, device=None) -> torch.Tensor:
     return (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
 
 
+def neighbour_logit_mask(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(h, w, 1, 9) additive logit mask of `neighbour_valid`: 0 inside the grid, -inf outside.
+
+    Cached per grid size (a dozen small elementwise ops otherwise run at every grouping iteration), except while
+    torch.compile or torch.export trace, whose tensors are fake.
+    """
+    if torch.compiler.is_compiling():
+        return _neighbour_logit_mask(h, w, device, dtype)
+    return _cached_neighbour_logit_mask(h, w, torch.device(device) if device is not None else None, dtype)
+
+
+def _neighbour_logit_mask(h: int, w: int, device, dtype) -> torch.Tensor:
+    valid = neighbour_valid(h, w, device)[:, :, None, :]
+    return torch.zeros(valid.shape, device=device, dtype=dtype).masked_fill(~valid, float("-inf"))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_neighbour_logit_mask(h: int, w: int, device, dtype) -> torch.Tensor:
+    # A normal tensor even when first asked for under inference_mode (a later training forward may use it).
+    with torch.inference_mode(False):
+        return _neighbour_logit_mask(h, w, device, dtype)
+
+
 def local_relative_offsets(device=None) -> torch.Tensor:
     """(4, 9, 2) offsets (in input tokens) of each child from each candidate output token's cell origin.
 
@@ -132,9 +155,9 @@ def local_grouping_step_torch(keys, values, queries, bias):
         assignment: (B, H, W, 9), the row-stochastic `A_ups` in local form.
     """
     h, w = queries.shape[1:3]
-    logits = torch.einsum("bhwcd,bhwjd->bhwcj", to_cells(keys), gather_neighbours(queries)) + bias
-    valid = neighbour_valid(h, w, keys.device)[:, :, None, :]
-    logits = logits.masked_fill(~valid, float("-inf"))
+    # The bias and the mask of neighbours outside the grid (0 or -inf, so the sum is exactly either) added at once.
+    mask = neighbour_logit_mask(h, w, keys.device, keys.dtype)
+    logits = torch.einsum("bhwcd,bhwjd->bhwcj", to_cells(keys), gather_neighbours(queries)) + (bias + mask)
     assignment = logits.softmax(dim=-1)  # (B, h, w, 4, 9)
     column_sums = scatter_neighbours(assignment.sum(dim=3)[..., None])  # (B, h, w, 1)
     weighted = torch.einsum("bhwcj,bhwcd->bhwjd", assignment, to_cells(values))
