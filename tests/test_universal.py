@@ -65,7 +65,8 @@ class PredictCounter:
 
         model.predict = predict
         for layer in original_layers:
-            layer.register_forward_pre_hook(lambda mod, args: self.masks.append(args[3] if len(args) > 3 else None))
+            # layer(hidden_states, rotation, attention_mask): the query blocks pass their mask third
+            layer.register_forward_pre_hook(lambda mod, args: self.masks.append(args[2] if len(args) > 2 else None))
 
 
 @pytest.mark.parametrize("probs,expected_calls,masked_blocks", [([0, 0], 1, []), ([1, 1], 3, [0, 1]), ([1, 0], 2, [0])])

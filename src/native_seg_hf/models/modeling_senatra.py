@@ -140,19 +140,40 @@ def rotary_embedding_2d(height: int, width: int, head_dim: int, theta: float, de
     return torch.polar(torch.ones_like(angles), angles)
 
 
+def rotary_embedding_sequence(
+    height: int, width: int, head_dim: int, theta: float, num_leading: int, device=None
+) -> torch.Tensor:
+    """The rotary embedding of the sequence [`num_leading` position-free entries; the (H, W) grid row-major], as
+    (num_leading + H*W, 1, head_dim / 2) unit complex numbers: angle 0 (exactly 1 + 0j, so no rotation) for the
+    leading entries (the universal model's queries), the grid's angles from `rotary_embedding_2d` for the rest."""
+    n = head_dim // 4
+    freqs = theta ** (-torch.arange(n, device=device, dtype=torch.float32) / n)
+    angle_y = torch.arange(height, device=device, dtype=torch.float32)[:, None, None] * freqs
+    angle_x = torch.arange(width, device=device, dtype=torch.float32)[None, :, None] * freqs
+    grid = torch.cat([angle_y.expand(height, width, n), angle_x.expand(height, width, n)], dim=-1)
+    angles = torch.cat([grid.new_zeros(num_leading, 2 * n), grid.reshape(height * width, 2 * n)])[:, None, :]
+    # Shaped before it becomes complex, as in `rotary_embedding_2d` (ONNX export).
+    return torch.polar(torch.ones_like(angles), angles)
+
+
 def apply_rotary_2d(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, W, ..., head_dim) by `rotation` from `rotary_embedding_2d` (one complex multiply), its middle
-    axis broadcasting over the heads (index it with None for more axes before the heads)."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    """Rotate x (B, *positions, ..., head_dim) by `rotation` (*positions, 1, head_dim / 2), from `rotary_embedding_2d`
+    (positions H, W) or `rotary_embedding_sequence` (positions L), in one complex multiply: the axes between the
+    positions and the channels (e.g. query/key and heads) share a position's rotation."""
+    positions = rotation.dim() - 2
+    # Those axes are merged into one on the real tensor (a view for slices of a projection's output) rather than the
+    # rotation indexed to broadcast: ONNX export cannot reshape or index complex tensors.
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:1 + positions], -1, x.shape[-1] // 2, 2))
+    return torch.view_as_real(pairs * rotation).reshape(x.shape).type_as(x)
 
 
 class SeNaTraAttention(nn.Module):
-    """Multi-head neighbourhood self-attention with 2D rotary position embedding.
+    """Multi-head self-attention with 2D rotary position embedding: neighbourhood attention over a token grid, or
+    global attention over a token sequence.
 
-    With `queries` (the universal model's query blocks), the learnable queries and the grid tokens attend
-    globally over the joint sequence [queries; tokens] instead: queries have no position, so they are not
-    rotated. `attention_mask` (B, 1, K+N, K+N) bool, True = may attend, masks that joint attention.
+    The sequence form serves the universal model's query blocks, where the learnable queries and the grid tokens
+    attend globally over the joint sequence [queries; tokens] (queries have no position: their rotation is the
+    identity, see `rotary_embedding_sequence`); `attention_mask` (B, 1, L, L) bool, True = may attend, masks it.
     """
 
     def __init__(self, config: SeNaTraConfig, dim: int, num_heads: int):
@@ -163,27 +184,27 @@ class SeNaTraAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, hidden_states: torch.Tensor, rotation: torch.Tensor, queries: torch.Tensor | None = None, attention_mask=None
-    ):
-        """(B, H, W, C) tokens [and (B, K, C) queries] -> the same shapes; `rotation` from `rotary_embedding_2d`."""
+    def forward(self, hidden_states: torch.Tensor, rotation: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """(B, H, W, C) grid -> (B, H, W, C), `rotation` from `rotary_embedding_2d`; or (B, L, C) sequence ->
+        (B, L, C), `rotation` from `rotary_embedding_sequence`."""
+        if hidden_states.dim() == 3:
+            return self.attend_sequence(hidden_states, rotation, attention_mask)
         b, h, w, c = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(b, h, w, 3, self.num_heads, self.head_dim)
         # Rotate queries and keys in one multiply while channels are still contiguous, then move heads forward:
         # (B, heads, H, W, head_dim).
-        query, key = apply_rotary_2d(qkv[:, :, :, :2], rotation[:, :, None]).permute(3, 0, 4, 1, 2, 5)
+        query, key = apply_rotary_2d(qkv[:, :, :, :2], rotation).permute(3, 0, 4, 1, 2, 5)
         value = qkv[:, :, :, 2].permute(0, 3, 1, 2, 4)
-        if queries is None:
-            out = neighborhood_attention(query, key, value, self.kernel_size)
-            # A view when the attention already wrote (B, H, W, heads, head_dim), as its PyTorch path does.
-            return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)), None
+        out = neighborhood_attention(query, key, value, self.kernel_size)
+        # A view when the attention already wrote (B, H, W, heads, head_dim), as its PyTorch path does.
+        return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c))
 
-        k = queries.shape[1]
-        query_qkv = self.qkv(queries).reshape(b, k, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        joint = [torch.cat([q, t.flatten(2, 3)], dim=2) for q, t in zip(query_qkv, (query, key, value))]
-        out = F.scaled_dot_product_attention(*joint, attn_mask=attention_mask)  # (B, heads, K + H*W, head_dim)
-        out = self.proj(out.transpose(1, 2).reshape(b, k + h * w, c))
-        return out[:, k:].reshape(b, h, w, c), out[:, :k]
+    def attend_sequence(self, hidden_states: torch.Tensor, rotation: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        b, length, c = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(b, length, 3, self.num_heads, self.head_dim)
+        query, key = apply_rotary_2d(qkv[:, :, :2], rotation).permute(2, 0, 3, 1, 4)  # (B, heads, L, d)
+        out = F.scaled_dot_product_attention(query, key, qkv[:, :, 2].transpose(1, 2), attn_mask=attention_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, length, c))
 
 
 class SeNaTraMlp(nn.Module):
@@ -230,22 +251,12 @@ class SeNaTraLayer(GradientCheckpointingLayer):
     def residual(self, x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         return x + self.drop_path(branch if scale is None else branch * scale)
 
-    def forward(
-        self, hidden_states: torch.Tensor, rotation: torch.Tensor, queries: torch.Tensor | None = None, attention_mask=None
-    ):
-        """(B, H, W, C) tokens [and (B, K, C) queries, see `SeNaTraAttention`] -> (tokens, queries or None)."""
-        attended, attended_queries = self.attention(
-            self.attention_norm(hidden_states),
-            rotation,
-            None if queries is None else self.attention_norm(queries),
-            attention_mask,
-        )
+    def forward(self, hidden_states: torch.Tensor, rotation: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """(B, H, W, C) token grid, or (B, L, C) sequence such as the universal model's [queries; tokens] (see
+        `SeNaTraAttention`) -> the same shape."""
+        attended = self.attention(self.attention_norm(hidden_states), rotation, attention_mask)
         hidden_states = self.residual(hidden_states, attended, self.attention_scale)
-        hidden_states = self.residual(hidden_states, self.mlp(self.mlp_norm(hidden_states)), self.mlp_scale)
-        if queries is not None:
-            queries = self.residual(queries, attended_queries, self.attention_scale)
-            queries = self.residual(queries, self.mlp(self.mlp_norm(queries)), self.mlp_scale)
-        return hidden_states, queries
+        return self.residual(hidden_states, self.mlp(self.mlp_norm(hidden_states)), self.mlp_scale)
 
 
 class SeNaTraGroupingLayer(nn.Module):
@@ -380,7 +391,7 @@ class SeNaTraEncoder(nn.Module):
                 layers = layers[: len(layers) - stop_before_last]
             rotation = stage.rotation(hidden_states)
             for layer in layers:
-                hidden_states, _ = layer(hidden_states, rotation)
+                hidden_states = layer(hidden_states, rotation)
             stage_outputs.append(hidden_states)
         return hidden_states, stage_outputs, assignments
 
@@ -851,18 +862,29 @@ class SeNaTraForUniversalSegmentation(SeNaTraPreTrainedModel):
         backbone = self.senatra
         embeddings = backbone.embeddings(pixel_values)
         tokens, stage_outputs, assignments = backbone.encoder(embeddings, stop_before_last=self.num_blocks)
-        queries = self.query.weight[None].expand(tokens.shape[0], -1, -1)
+        batch, height, width, channels = tokens.shape
+        num_queries = self.query.weight.shape[0]
+        # The query blocks run on the joint sequence [queries; tokens] (LayerNorms, projections and MLPs once over
+        # both); predictions read the two parts back as views.
+        sequence = torch.cat([self.query.weight[None].expand(batch, -1, -1), tokens.flatten(1, 2)], dim=1)
+
+        def split(sequence):
+            return sequence[:, :num_queries], sequence[:, num_queries:].reshape(batch, height, width, channels)
 
         predictions = []
         last_stage = backbone.encoder.stages[-1]
-        rotation = last_stage.rotation(tokens)
+        rotation = rotary_embedding_sequence(
+            height, width, last_stage.head_dim, last_stage.rope_theta, num_queries, tokens.device
+        )
         for block, layer in enumerate(last_stage.layers[-self.num_blocks :]):
             attention_mask = None
             if self.block_is_masked(block):
+                queries, tokens = split(sequence)
                 class_logits, mask_logits = self.predict(tokens, queries)
                 predictions.append((class_logits, mask_logits))
                 attention_mask = self.query_attention_mask(mask_logits, self.attn_mask_probs[block])
-            tokens, queries = layer(tokens, rotation, queries, attention_mask)
+            sequence = layer(sequence, rotation, attention_mask)
+        queries, tokens = split(sequence)
         stage_outputs[-1] = tokens
         class_logits, mask_logits = self.predict(tokens, queries)
         predictions.append((class_logits, mask_logits))
