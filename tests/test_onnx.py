@@ -47,6 +47,16 @@ def test_universal_senatra_exports_once_annealing_has_finished(tmp_path):
     assert_matches_pytorch(model, export_onnx(model, tmp_path / "universal.onnx", TRACED))
 
 
+def test_segmenter_traced_at_its_vits_native_grid_still_takes_any_size(tmp_path):
+    # At the native 4x4 patch grid DINOv2 hands out its position table as it is; a graph traced there would keep it.
+    torch.manual_seed(0)
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8, image_size=32)
+    model = ns.SegmenterForSemanticSegmentation(ns.SegmenterConfig(backbone_config=backbone, num_labels=5)).eval()
+    session = onnxruntime_session(export_onnx(model, tmp_path / "segmenter.onnx", (32, 32)))
+    for size in ((32, 32), (48, 40), (27, 61)):
+        assert compare_with_pytorch(model, session, torch.randn(1, 3, *size))["logits"] < TOLERANCE, size
+
+
 def test_export_script_checks_a_saved_segmenter_at_two_sizes(tmp_path):
     torch.manual_seed(0)
     backbone = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32)

@@ -35,6 +35,25 @@ def input_size_divisor(model: nn.Module) -> int:
     return getattr(model.config, "input_size_divisor", None) or 1
 
 
+def tracing_size(model: nn.Module, example_size: tuple[int, int]) -> tuple[int, int]:
+    """The input size to trace a dynamic-size graph at: `example_size`, or one patch wider where a ViT backbone (a
+    Segmenter's DINOv2) would see its native square patch grid there.
+
+    Transformers' ViT embeddings hand out their position-embedding table as it is for the native grid and interpolate
+    it for any other; they mean to interpolate always while tracing (`torch.jit.is_tracing()`), which torch.export does
+    not set. A graph traced at the native grid would keep that table and fail at every other size; traced elsewhere it
+    interpolates, and at the native size the interpolation (bicubic, scale 1) gives the table back.
+    """
+    backbone = getattr(model.config, "backbone_config", None)
+    image_size, patch = getattr(backbone, "image_size", None), getattr(backbone, "patch_size", None)
+    if not (isinstance(image_size, int) and isinstance(patch, int)):
+        return example_size
+    grid = tuple(-(-side // patch) for side in example_size)  # Segmenter pads inputs to whole patches
+    if grid == (image_size // patch,) * 2:
+        return example_size[0], example_size[1] + patch
+    return example_size
+
+
 class _OutputTensors(nn.Module):
     """The model with a tensor-only signature: `pixel_values` in, the named output tensors out."""
 
@@ -61,7 +80,8 @@ def export_onnx(
     Args:
         example_size: (height, width) of the example input the graph is traced with. Sizes decide nothing in the
             graph's structure except which attention path a stage takes (dense for grids of at most 256 tokens,
-            tiled above, both exact at every size), so a typical input size gives the fastest graph.
+            tiled above, both exact at every size), so a typical input size gives the fastest graph. A Segmenter's
+            ViT backbone is traced one patch wider where this size is its native grid (`tracing_size`).
         batch_size: the graph's fixed batch size.
         dynamic: height and width dynamic (multiples of `input_size_divisor(model)`); False fixes them.
         optimize: run onnxscript's graph optimiser (constant folding, dead code) on the result.
@@ -77,7 +97,7 @@ def export_onnx(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     names = onnx_output_names(model)
-    example = torch.randn(batch_size, 3, *example_size)
+    example = torch.randn(batch_size, 3, *(tracing_size(model, example_size) if dynamic else example_size))
     dynamic_shapes = None
     if dynamic:
         height, width = torch.export.Dim("height", min=1), torch.export.Dim("width", min=1)
@@ -124,4 +144,5 @@ def compare_with_pytorch(model: nn.Module, session, pixel_values: torch.Tensor) 
     return differences
 
 
-__all__ = ["export_onnx", "onnx_output_names", "input_size_divisor", "onnxruntime_session", "compare_with_pytorch"]
+__all__ = ["export_onnx", "onnx_output_names", "input_size_divisor", "tracing_size", "onnxruntime_session",
+           "compare_with_pytorch"]
