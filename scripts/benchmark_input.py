@@ -140,23 +140,24 @@ def main():
                   f"{record[name]['longest_stall_seconds']:.2f} s (load {record[name]['load_average_before'][0]:.1f})",
                   flush=True)
         rounds.append(record)
-    summary = summarize(rounds)
-    result = {
-        "command": "python scripts/benchmark_input.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(cli).items() if k != "out" and v is not None),
-        "commit": commit, "dataset": str(dataset), "cpu_count": os.cpu_count(),
-        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                           if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None,
-        "device": str(accelerator.device),
-        "recipe": "main job: SeNaTra nano-s16 semantic, 128x160 crops, base short side 180, batch 8, AdamW 4e-4",
-        "settings": settings, "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "note": "a shared CPU: other jobs ran during the benchmark (load averages per run), so absolute images/s "
-                "are deflated; a round's settings ran one after the other, so compare them by round",
-        "rounds": rounds, "summary": summary,
-    }
-    cli.out.parent.mkdir(parents=True, exist_ok=True)
-    cli.out.write_text(json.dumps(result, indent=2) + "\n")
+        # written after every round, so that an interrupted run keeps the rounds it finished
+        summary = summarize(rounds)
+        result = {
+            "command": "python scripts/benchmark_input.py " + " ".join(
+                f"--{k} {v}" for k, v in vars(cli).items() if k != "out" and v is not None),
+            "commit": commit, "dataset": str(dataset), "cpu_count": os.cpu_count(),
+            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+            "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                               if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None,
+            "device": str(accelerator.device),
+            "recipe": "main job: SeNaTra nano-s16 semantic, 128x160 crops, base short side 180, batch 8, AdamW 4e-4",
+            "settings": settings, "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "note": "a shared CPU: other jobs ran during the benchmark (load averages per run), so absolute images/s "
+                    "are deflated; a round's settings ran one after the other, so compare them by round",
+            "rounds": rounds, "summary": summary,
+        }
+        cli.out.parent.mkdir(parents=True, exist_ok=True)
+        cli.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 
