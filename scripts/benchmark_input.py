@@ -95,6 +95,9 @@ def run(dataset: Path, id2label: dict, num_workers: int, read_ahead: int, thread
     }
 
 
+SETTINGS = ("before", "before_with_threads_of_after", "after", "after_with_a_thread_per_core")
+
+
 def summarize(rounds: list[dict]) -> dict:
     """Median images/s and the longest stall of each setting over the rounds; after's images/s over each other
     setting's, per round (a round's runs see about the same load) and their median."""
@@ -102,7 +105,7 @@ def summarize(rounds: list[dict]) -> dict:
                       "longest_stall_seconds": max(r[name]["longest_stall_seconds"] for r in rounds)}
                for name in rounds[0]}
     for name in rounds[0]:
-        if name != "after":
+        if name != "after" and "after" in rounds[0]:
             ratios = [r["after"]["images_per_second"] / r[name]["images_per_second"] for r in rounds]
             summary[f"after_over_{name}"] = {"per_round": ratios, "median": statistics.median(ratios)}
     return summary
@@ -114,6 +117,8 @@ def main():
     parser.add_argument("--steps", type=int, default=50, help="steps per run (8 images each; a pass is 367 images)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num_workers", type=int, default=TrainArguments.num_workers, help="workers of 'after'")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="which to run, in "
+                        "this order (on a loaded machine the thread-per-core ones can take minutes per step)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "input_pipeline.json")
     cli = parser.parse_args()
     # the code that runs: the commit at the start (the tree may move on during a long run)
@@ -123,12 +128,13 @@ def main():
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     cores = training_threads(num_workers=0)  # every core (or OMP_NUM_THREADS): torch's default, and the loop's before
     after_threads = training_threads(cli.num_workers)
-    settings = {
+    every = {
         "before": dict(num_workers=0, read_ahead=0, threads=cores),
         "before_with_threads_of_after": dict(num_workers=0, read_ahead=0, threads=after_threads),
         "after": dict(num_workers=cli.num_workers, read_ahead=256, threads=after_threads),
         "after_with_a_thread_per_core": dict(num_workers=cli.num_workers, read_ahead=256, threads=cores),
     }
+    settings = {name: every[name] for name in cli.settings}
     load_before = os.getloadavg()
     rounds = []
     for index in range(cli.rounds):
@@ -144,7 +150,8 @@ def main():
         summary = summarize(rounds)
         result = {
             "command": "python scripts/benchmark_input.py " + " ".join(
-                f"--{k} {v}" for k, v in vars(cli).items() if k != "out" and v is not None),
+                f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(cli).items()
+            if k != "out" and v is not None),
             "commit": commit, "dataset": str(dataset), "cpu_count": os.cpu_count(),
             "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
             "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
