@@ -5,13 +5,13 @@ per worker). Two more settings tell the parts apart: before with the threads of 
 alone gains), and after with every core's thread as torch's default would give it (what the workers cost when the
 step's threads and theirs outnumber the cores).
 
-    python scripts/benchmark_input.py [--dataset FOLDER] [--steps 50] [--rounds 3] [--num_workers N]
+    python scripts/benchmark_input.py [--dataset FOLDER] [--steps 50] [--rounds 3] [--num_workers N] [--settings ...]
                                       [--out results/input_pipeline.json]
 
-The main job's recipe (`scripts/main_job.py`): SeNaTra nano-s16, native semantic head, 128x160 crops of the half-size CamVid
-images, batch 8, AdamW. Each round runs the four settings one after the other in this one process, each from a
-fresh stream and the same initial weights, so that a change of the machine's load
-hits all. Per setting it records images/s over the steps after the first (which includes the workers' start) and
+The main job's recipe (`scripts/main_job.py`): SeNaTra nano-s16, native semantic head, 128x160 crops of the
+half-size CamVid images, batch 8, AdamW. Each round runs the settings (`--settings`, default all four) one after the
+other in this one process, each from a fresh stream and the same initial weights, so that a change of the machine's
+load hits all. Per setting it records images/s over the steps after the first (which includes the workers' start) and
 every wait for a batch: the longest is the stall, e.g. `datasets`' pause when a pass's Parquet files are exhausted.
 The machine's load average is recorded before and after each run.
 """
