@@ -6,10 +6,11 @@ the largest absolute difference of every output from PyTorch's (and that differe
 largest value), and the latencies of eager and ONNX Runtime, timed alternately (eager, runtime, eager, ...) so
 that a change of the machine's load hits both; their ratio is the number to read on a shared machine.
 
-    python scripts/benchmark_onnx.py [--size 512] [--preset nano] [--repeats 5] [--threads 1] [--no_optimize]
+    python scripts/benchmark_onnx.py [--size 512] [--preset nano] [--repeats 5] [--threads 1] [--optimize]
 
---no_optimize skips onnxscript's graph optimiser at export (as scripts/export_onnx.py --no_optimize does): on this
-CPU it took over 20 minutes for the Nano semantic graph. ONNX Runtime still optimises the graph when it loads it.
+--optimize also runs onnxscript's graph optimiser at export (off by default, as in `export_onnx` and
+scripts/export_onnx.py): on this CPU it took over 20 minutes for the Nano semantic graph. ONNX Runtime optimises
+the graph when it loads it either way.
 
 Writes results/onnx.json with the command, commit, machine and load averages.
 """
@@ -81,7 +82,7 @@ def main():
     parser.add_argument("--preset", default="nano", help="SeNaTra size (nano, mini, tiny, ...)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no_optimize", action="store_true", help="skip onnxscript's graph optimiser at export")
+    parser.add_argument("--optimize", action="store_true", help="run onnxscript's graph optimiser at export")
     parser.add_argument("--output", default=str(ROOT / "results" / "onnx.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,7 +98,7 @@ def main():
             model.eval()
             start = time.perf_counter()
             try:
-                path = export_onnx(model, Path(folder) / "model.onnx", sizes[0], optimize=not args.no_optimize)
+                path = export_onnx(model, Path(folder) / "model.onnx", sizes[0], optimize=args.optimize)
             except Exception as error:  # reported in the table, and the other models still run
                 rows.append({"model": name, "error": f"{type(error).__name__}: {str(error)[:300]}"})
                 print(f"{name}: export failed: {rows[-1]['error']}", flush=True)
@@ -146,7 +147,7 @@ def main():
         "batch": 1,
         "threads": args.threads,
         "repeats": args.repeats,
-        "onnxscript_optimizer": not args.no_optimize,
+        "onnxscript_optimizer": args.optimize,
         "weights": "random (torch.manual_seed(0)); latency and agreement do not depend on training",
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "machine": {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),

@@ -29,14 +29,15 @@ def main():
     parser.add_argument("--width", type=int, default=512, help="width of the example input traced")
     parser.add_argument("--batch_size", type=int, default=1, help="the graph's (fixed) batch size")
     parser.add_argument("--static", action="store_true", help="fix height and width to the example's")
-    parser.add_argument("--no_optimize", action="store_true", help="skip onnxscript's graph optimiser")
+    parser.add_argument("--optimize", action="store_true",
+                        help="also run onnxscript's graph optimiser (slow on SeNaTra; ONNX Runtime optimises at load)")
     parser.add_argument("--check", action="store_true", help="compare ONNX Runtime with PyTorch at two sizes")
     args = parser.parse_args()
 
     model = load_trained_model(args.model)
     size = (args.height, args.width)
     path = export_onnx(model, args.output, size, args.batch_size, dynamic=not args.static,
-                       optimize=not args.no_optimize)
+                       optimize=args.optimize)
     print(f"wrote {path} (outputs {', '.join(o.name for o in onnxruntime_session(path).get_outputs())})")
     if not args.check:
         return

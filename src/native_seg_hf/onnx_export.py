@@ -73,7 +73,7 @@ def export_onnx(
     example_size: tuple[int, int] = (512, 512),
     batch_size: int = 1,
     dynamic: bool = True,
-    optimize: bool = True,
+    optimize: bool = False,
 ) -> Path:
     """Export `model` (in eval mode) to the ONNX file `output` and return its path.
 
@@ -84,7 +84,9 @@ def export_onnx(
             ViT backbone is traced one patch wider where this size is its native grid (`tracing_size`).
         batch_size: the graph's fixed batch size.
         dynamic: height and width dynamic (multiples of `input_size_divisor(model)`); False fixes them.
-        optimize: run onnxscript's graph optimiser (constant folding, dead code) on the result.
+        optimize: run onnxscript's graph optimiser (constant folding, dead code) on the result. Off by default:
+            on SeNaTra's graphs it ran for over 20 minutes on a 2-core CPU (the export itself takes a few), and ONNX
+            Runtime applies its own graph optimisations when it loads the model.
     """
     if getattr(model, "attn_mask_probs", None) is not None and bool(model.attn_mask_probs.any()):
         raise ValueError(
