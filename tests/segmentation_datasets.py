@@ -39,12 +39,27 @@ def synthetic_dataset(folder: Path, train: int = 12, validation: int = 4, num_sh
     return folder
 
 
+def fixture_pairs(folder: Path, count: int) -> list[tuple[Path, Path]]:
+    """`count` distinct (image, label) files from the one bundled CamVid fixture: it, then its mirror images (tests
+    that ask for two images must get two, with or without ../shared/data)."""
+    pairs = [(FIXTURE.with_suffix(".jpg"), FIXTURE.with_suffix(".png"))]
+    folder.mkdir(parents=True, exist_ok=True)
+    flips = [Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180]
+    for flip in flips[: count - 1]:
+        mirrored = folder / f"{FIXTURE.name}_{flip.name.lower()}"
+        for source, suffix in zip(pairs[0], (".jpg", ".png")):
+            Image.open(source).transpose(flip).save(mirrored.with_suffix(suffix))
+        pairs.append((mirrored.with_suffix(".jpg"), mirrored.with_suffix(".png")))
+    return pairs
+
+
 def camvid_dataset(folder: Path, max_images: int = 4) -> Path:
-    """A few real CamVid images (from ../shared/data when present, else the bundled fixture) as a prepared folder."""
+    """`max_images` real CamVid images per split (from ../shared/data when present, else the bundled fixture and its
+    mirrors, up to 4) as a prepared folder."""
     pairs = {}
     for split, source in (("train", "train"), ("validation", "val")):
         images = sorted((SHARED_CAMVID / source / "images").glob("*.jpg"))[:max_images]
-        pairs[split] = [(image, image.parent.parent / "labels" / f"{image.stem}.png") for image in images] or [
-            (FIXTURE.with_suffix(".jpg"), FIXTURE.with_suffix(".png"))
-        ]
+        pairs[split] = [(image, image.parent.parent / "labels" / f"{image.stem}.png") for image in images] or (
+            fixture_pairs(folder.parent / f"{folder.name}_fixture_{split}", max_images)
+        )
     return prepare_camvid_files(pairs, folder)
