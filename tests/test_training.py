@@ -2,6 +2,7 @@
 two processes with `accelerate launch`, the published folder (remote code, model card with metrics), and
 Trainer fine-tuning on real CamVid images with the loss scaled right under gradient accumulation."""
 
+import io
 import json
 import os
 import runpy
@@ -14,14 +15,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import EomtConfig, EomtForUniversalSegmentation, Trainer, default_data_collator
 from transformers import TrainingArguments as HfTrainingArguments
 
 import native_seg_hf as ns
-from native_seg_hf.training.data import Augmentation, load_id2label, load_split
+from native_seg_hf.training.data import Augmentation, class_weights, load_id2label, load_split
 from native_seg_hf.training.hub import finish_run
 from native_seg_hf.training import loop as training_loop
 from native_seg_hf.training.loop import TrainArguments, evaluate_saved, train, training_threads
@@ -136,6 +139,18 @@ def test_train_evaluate_save_and_publishable_folder(tmp_path, run_without_packag
     out = run_without_package(REMOTE_LOAD, folder, photo)
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded == {"class": "SeNaTraForSemanticSegmentation", "shape": [360, 480]}
+
+
+def test_class_weighting_is_computed_from_the_training_labels_and_saved(tmp_path):
+    dataset = synthetic_dataset(tmp_path / "d", train=4, validation=2)
+    result = train(run_args(tmp_path, dataset, max_steps=1, class_weighting="enet"))
+    weights = result["model"].config.semantic_loss_weights
+    labels = [np.asarray(Image.open(io.BytesIO(row["label"]["bytes"]))) for row in synthetic_rows(4)]
+    assert weights == pytest.approx(class_weights(labels, 3, "enet"))
+    result["model"].save_pretrained(tmp_path / "model")
+    assert ns.SeNaTraConfig.from_pretrained(tmp_path / "model").semantic_loss_weights == pytest.approx(weights)
+    with pytest.raises(ValueError, match="class_weighting applies to semantic models"):
+        train(run_args(tmp_path, dataset, model="senatra-universal", class_weighting="enet"))
 
 
 @pytest.mark.parametrize("model", ["senatra-universal", "eomt", "segmenter"])
@@ -327,10 +342,13 @@ ONE_STEP = textwrap.dedent(
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     results = {}
-    for kind, model_class, targets in (("semantic", ns.SeNaTraForSemanticSegmentation, "labels"),
-                                       ("universal", ns.SeNaTraForUniversalSegmentation, "class_masks")):
+    for kind, model_class, targets, extra in (
+        ("semantic", ns.SeNaTraForSemanticSegmentation, "labels", {}),
+        ("weighted", ns.SeNaTraForSemanticSegmentation, "labels", {"semantic_loss_weights": [0.5, 2.0, 7.0]}),
+        ("universal", ns.SeNaTraForUniversalSegmentation, "class_masks", {}),
+    ):
         torch.manual_seed(0)
-        model = model_class(ns.SeNaTraConfig(**CONFIG))
+        model = model_class(ns.SeNaTraConfig(**CONFIG, **extra))
         if kind == "universal":
             model.criterion.matcher.sample_coordinates = lambda device: GRID.to(device)
             model.criterion.sample_points_using_uncertainty = (
@@ -353,7 +371,8 @@ ONE_STEP = textwrap.dedent(
 
 def test_two_processes_compute_the_loss_and_gradients_of_one(tmp_path, monkeypatch):
     """`accelerate launch` with 2 CPU processes, each with half of a global batch, gives the loss and gradients of
-    one process on the whole batch: semantic losses weighted by labelled pixels over every process (`train_step`),
+    one process on the whole batch: semantic losses weighted by labelled pixels (or their class weights) over every
+    process (`train_step`),
     universal mask losses normalised by the masks of every process (Transformers' get_num_masks made them 2x too
     large on 2 processes)."""
     script = tmp_path / "one_step.py"
@@ -366,7 +385,7 @@ def test_two_processes_compute_the_loss_and_gradients_of_one(tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "one.pt")])
     runpy.run_path(str(script), run_name="__main__")  # the same step in this one process
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    for kind in ("semantic", "universal"):
+    for kind in ("semantic", "weighted", "universal"):
         assert two[kind]["loss"] == pytest.approx(one[kind]["loss"], rel=1e-5), kind
         assert two[kind]["grads"].keys() == one[kind]["grads"].keys()
         for name, grad in one[kind]["grads"].items():

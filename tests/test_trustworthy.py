@@ -111,6 +111,15 @@ def test_an_unlabelled_batch_gives_a_zero_loss_that_keeps_the_graph(kind):
     upsampled = torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False)
     expected = torch.nn.functional.cross_entropy(upsampled, labels, ignore_index=255)
     torch.testing.assert_close(model(pixels, labels=labels).loss, expected)
+    # Class weights: torch's weighted mean (over the labelled pixels' weights); still 0 with nothing labelled.
+    model.config.semantic_loss_weights = [0.5, 2.0, 7.0]
+    weighted = torch.nn.functional.cross_entropy(upsampled, labels, weight=torch.tensor([0.5, 2.0, 7.0]),
+                                                 ignore_index=255)
+    torch.testing.assert_close(model(pixels, labels=labels).loss, weighted)
+    assert model(pixels, labels=torch.full((2, 64, 64), 255)).loss.item() == 0
+    model.config.semantic_loss_weights = [1.0, 2.0]
+    with pytest.raises(ValueError, match="2 weights for 3 classes"):
+        model(pixels, labels=labels)
 
 
 def test_the_loop_counts_unlabelled_batches(tmp_path):
@@ -239,7 +248,9 @@ def test_every_model_builds_on_the_meta_device(build):
         ("semantic_loss_ignore_index", 2.5), ("num_queries", 0), ("num_blocks", 0), ("class_weight", -1.0),
         ("mask_weight", "5"), ("dice_weight", float("inf")), ("no_object_weight", -0.1), ("train_num_points", 0),
         ("oversample_ratio", 0.5), ("importance_sample_ratio", 1.5), ("grouping_logit_scale", 0.0),
-        ("grouping_parent_bias", float("nan")),
+        ("grouping_parent_bias", float("nan")), ("semantic_loss_weights", "enet"),
+        ("semantic_loss_weights", [1.0, -2.0]), ("semantic_loss_weights", [1.0, float("nan")]),
+        ("semantic_loss_weights", []),
     ],
 )
 def test_bad_config_fields_raise_a_value_error_naming_them(field, value):

@@ -3,7 +3,7 @@
 from transformers import CONFIG_MAPPING, AutoConfig, Dinov2Config, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .configuration_senatra import SeNaTraConfig
+from .configuration_senatra import SeNaTraConfig, loss_weights
 
 DECODER_TYPES = ("linear", "mask_transformer")
 
@@ -63,6 +63,8 @@ class SegmenterConfig(PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02): std of the truncated normal initialisation of the decoder's
             linear layers and class embeddings.
         semantic_loss_ignore_index (`int`, defaults to 255): label ignored by the loss.
+        semantic_loss_weights (`list[float]`, *optional*): one weight per class for the cross-entropy (averaged
+            over the labelled pixels' weights); `None` weighs every class alike.
     """
 
     model_type = "segmenter"
@@ -84,6 +86,7 @@ class SegmenterConfig(PreTrainedConfig):
         layer_norm_eps=1e-5,
         initializer_range=0.02,
         semantic_loss_ignore_index=255,
+        semantic_loss_weights=None,
         **kwargs,
     ):
         if use_pretrained_backbone and backbone is None:
@@ -119,6 +122,7 @@ class SegmenterConfig(PreTrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.semantic_loss_ignore_index = semantic_loss_ignore_index
+        self.semantic_loss_weights = loss_weights(semantic_loss_weights)
         super().__init__(**kwargs)
 
 

@@ -49,6 +49,17 @@ def check_number(name: str, value, low: float, high: float = math.inf, integer: 
         raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} in {lo}{low}, {high}{hi}, got {value!r}")
 
 
+def loss_weights(value) -> list[float] | None:
+    """`semantic_loss_weights` as a list of non-negative floats (or None), or a ValueError naming the field."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"semantic_loss_weights must be None or a list of one weight per class, got {value!r}")
+    for weight in value:
+        check_number("each of semantic_loss_weights", weight, 0)
+    return [float(weight) for weight in value]
+
+
 class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a SeNaTra (Native Segmentation Vision Transformer) model. The defaults give SeNaTra-Tiny.
@@ -89,6 +100,9 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02): std of the truncated normal weight initialisation.
         head_hidden_size (`int`, defaults to 512): hidden width of the native 2-layer MLP segmentation head.
         semantic_loss_ignore_index (`int`, defaults to 255): label ignored by the semantic loss.
+        semantic_loss_weights (`list[float]`, *optional*): one weight per class for the semantic cross-entropy
+            (averaged over the labelled pixels' weights); `None` weighs every class alike. `scripts/train.py
+            --class_weighting enet` sets it from the training labels.
         num_queries (`int`, defaults to 100): learnable queries of the universal-segmentation model (EoMT uses
             100 for semantic and 200 for panoptic/instance segmentation).
         num_blocks (`int`, defaults to 4): final-stage blocks that process the queries (universal model; at most
@@ -128,6 +142,7 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         initializer_range=0.02,
         head_hidden_size=512,
         semantic_loss_ignore_index=255,
+        semantic_loss_weights=None,
         num_queries=100,
         num_blocks=4,
         class_weight=2.0,
@@ -164,6 +179,7 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         self.initializer_range = initializer_range
         self.head_hidden_size = head_hidden_size
         self.semantic_loss_ignore_index = semantic_loss_ignore_index
+        self.semantic_loss_weights = loss_weights(semantic_loss_weights)
         self.num_queries = num_queries
         self.num_blocks = num_blocks
         self.class_weight = class_weight

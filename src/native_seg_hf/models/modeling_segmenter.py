@@ -27,7 +27,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_segmenter import SegmenterConfig
 from .configuration_senatra import SeNaTraConfig
-from .modeling_senatra import SeNaTraBackbone, check_pixel_values, check_semantic_labels
+from .modeling_senatra import SeNaTraBackbone, check_pixel_values, check_semantic_labels, semantic_cross_entropy
 
 
 def is_senatra(backbone_config) -> bool:
@@ -244,13 +244,7 @@ class SegmenterForSemanticSegmentation(SegmenterPreTrainedModel):
         if labels is not None:
             ignore = self.config.semantic_loss_ignore_index
             check_semantic_labels(labels, logits.shape[0], self.config.num_labels, ignore)
-            resized = logits
-            if labels.shape[-2:] != logits.shape[-2:]:
-                resized = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            # The mean over labelled pixels, written as their sum over their count (at least 1) so that a batch
-            # with none gives 0, with its graph, instead of NaN.
-            labelled = (labels != ignore).sum().clamp(min=1)
-            loss = F.cross_entropy(resized, labels.long(), ignore_index=ignore, reduction="sum") / labelled
+            loss = semantic_cross_entropy(logits, labels, ignore, self.config.semantic_loss_weights)
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 

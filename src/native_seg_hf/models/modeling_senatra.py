@@ -575,6 +575,24 @@ def check_semantic_labels(labels: torch.Tensor, batch_size: int, num_labels: int
             )
 
 
+def semantic_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                           class_weights: list[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of (B, C, h, w) logits, bilinearly resized to the labels' size, averaged over the labelled
+    pixels, each counted with its class's weight when `class_weights` are given. Written as a sum over the
+    labelled pixels' total weight so that a batch with none gives 0, with its graph, instead of NaN."""
+    if labels.shape[-2:] != logits.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    labels = labels.long()
+    if class_weights is None:
+        total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+        return total / (labels != ignore_index).sum().clamp(min=1)
+    weights = torch.as_tensor(class_weights, dtype=torch.float32, device=logits.device)
+    if weights.numel() != logits.shape[1]:
+        raise ValueError(f"semantic_loss_weights has {weights.numel()} weights for {logits.shape[1]} classes")
+    total = F.cross_entropy(logits.float(), labels, weight=weights, ignore_index=ignore_index, reduction="sum")
+    return total / weights[labels[labels != ignore_index]].sum().clamp(min=1e-12)
+
+
 class SeNaTraForSemanticSegmentation(SeNaTraPreTrainedModel):
     """SeNaTra with the native semantic head: a 2-layer MLP on final-stage tokens, whose logits are carried
     back to stride 4 through the composed grouping assignments (no decoder). Logits are returned at stride 4;
@@ -607,11 +625,7 @@ class SeNaTraForSemanticSegmentation(SeNaTraPreTrainedModel):
         if labels is not None:
             ignore = self.config.semantic_loss_ignore_index
             check_semantic_labels(labels, logits.shape[0], self.config.num_labels, ignore)
-            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            # The mean over labelled pixels, written as their sum over their count (at least 1) so that a batch
-            # with none gives 0, with its graph, instead of NaN.
-            labelled = (labels != ignore).sum().clamp(min=1)
-            loss = F.cross_entropy(upsampled, labels.long(), ignore_index=ignore, reduction="sum") / labelled
+            loss = semantic_cross_entropy(logits, labels, ignore, self.config.semantic_loss_weights)
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 

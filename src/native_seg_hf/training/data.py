@@ -90,6 +90,27 @@ def load_split(source: str | Path, split: str, columns: list[str], streaming: bo
     return dataset
 
 
+CLASS_WEIGHTINGS = ("enet",)
+
+
+def class_weights(labels, num_labels: int, method: str | None) -> list[float] | None:
+    """Per-class weights for the semantic loss from label maps (an iterable of (H, W) int arrays, ignore index and
+    other out-of-range values not counted), or None when `method` is None.
+
+    "enet": 1 / ln(1.02 + p_c), p_c the class's share of the labelled pixels (ENet's weighting for CamVid):
+    between about 1.4 for a class covering everything and 50 for an absent one; milder than SegNet's
+    median-frequency balancing (13x between CamVid's commonest and rarest class, against about 70x)."""
+    if method is None:
+        return None
+    if method not in CLASS_WEIGHTINGS:
+        raise ValueError(f"class_weighting must be None or one of {CLASS_WEIGHTINGS}, got {method!r}")
+    counts = np.zeros(num_labels, dtype=np.float64)
+    for label in labels:
+        label = np.asarray(label)
+        counts += np.bincount(label[(label >= 0) & (label < num_labels)].ravel(), minlength=num_labels)
+    return (1.0 / np.log(1.02 + counts / max(counts.sum(), 1.0))).tolist()
+
+
 def decode_image(record: dict) -> Image.Image:
     """A PIL image from an undecoded `Image` feature value ({"bytes": ..., "path": ...}), fully loaded."""
     image = Image.open(io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"])

@@ -42,8 +42,10 @@ from ..models.configuration_segmenter import SegmenterConfig
 from ..models.configuration_senatra import SENATRA_PRESETS, SeNaTraConfig
 from ..models.modeling_segmenter import SegmenterForSemanticSegmentation
 from ..models.image_processing_senatra import semantic_logits
-from ..models.modeling_senatra import SeNaTraForSemanticSegmentation, SeNaTraForUniversalSegmentation
-from .data import Augmentation, SampleDecoder, load_id2label, load_split
+from ..models.modeling_senatra import (
+    SeNaTraForSemanticSegmentation, SeNaTraForUniversalSegmentation, semantic_cross_entropy,
+)
+from .data import Augmentation, SampleDecoder, class_weights, load_id2label, load_split
 from .mask_annealing import set_mask_annealing
 from .optim import create_optimizer, create_scheduler
 
@@ -66,10 +68,8 @@ class Recipe:
         eval_short_side: validation images are resized to this short side (padded to a multiple of 32), and the
             predictions are resized back to the labels' original size to be scored.
         eval_every: evaluate after every this many steps.
-        class_weighting: None (plain cross-entropy, each model's own loss) or "enet": the loss weights class c
-            by 1 / ln(1.02 + p_c), p_c its share of the training split's labelled pixels (ENet's weighting for
-            CamVid; milder than SegNet's median-frequency balancing: about 8x between the commonest and the
-            rarest CamVid class against about 70x). Applied to every semantic model alike, outside the model.
+        class_weighting: None (plain cross-entropy, each model's own loss) or "enet" (`data.class_weights` from
+            the training split's labels), applied to every semantic model alike, outside the model.
     """
 
     crop: tuple[int, int]
@@ -211,29 +211,6 @@ def class_mask_targets(labels: torch.Tensor, ignore_index: int = 255) -> dict:
     return {"mask_labels": mask_labels, "class_labels": class_labels}
 
 
-def class_weights(samples: list[dict], num_labels: int, method: str | None) -> torch.Tensor | None:
-    """The loss's per-class weights from the training labels (see `Recipe.class_weighting`), or None."""
-    if method is None:
-        return None
-    if method != "enet":
-        raise ValueError(f"unknown class_weighting {method!r}: use None or 'enet'")
-    counts = np.zeros(num_labels, dtype=np.float64)
-    for sample in samples:
-        label = sample["label"]
-        counts += np.bincount(label[label < num_labels].ravel(), minlength=num_labels)[:num_labels]
-    return torch.tensor(1.0 / np.log(1.02 + counts / max(counts.sum(), 1.0)), dtype=torch.float32)
-
-
-def weighted_semantic_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                           ignore_index: int = 255) -> torch.Tensor:
-    """Class-weighted cross-entropy of (B, C, h, w) logits resized to the labels' size, as every semantic model's
-    own loss does it (bilinear), averaged over the labelled pixels' weights (0, with its graph, when none is)."""
-    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, labels, weight=weights, ignore_index=ignore_index, reduction="sum")
-    labelled = labels[labels != ignore_index]
-    return total / weights[labelled].sum().clamp(min=1e-6)
-
-
 def model_inputs(model, batch: dict) -> dict:
     """The batch as the model takes it: label maps for semantic models, class masks for query models."""
     if hasattr(model, "attn_mask_probs"):
@@ -296,15 +273,16 @@ def make_optimizer(model, recipe: Recipe):
 
 
 def train_step(model, optimizer, scheduler, batch: dict, max_grad_norm: float,
-               weights: torch.Tensor | None = None) -> float:
-    """One optimizer step on the model's own loss, or, with class `weights`, on `weighted_semantic_loss`."""
+               weights: list[float] | None = None) -> float:
+    """One optimizer step on the model's own loss, or, with class `weights`, on the weighted cross-entropy of its
+    semantic logits (computed here, outside the model, so that it is the same for every model)."""
     if weights is None:
         loss = model(**model_inputs(model, batch)).loss
     elif hasattr(model, "attn_mask_probs"):
         raise ValueError("class weighting applies to semantic models; query models train on their mask loss")
     else:
-        loss = weighted_semantic_loss(semantic_logits(model(pixel_values=batch["pixel_values"])), batch["labels"],
-                                      weights)
+        loss = semantic_cross_entropy(semantic_logits(model(pixel_values=batch["pixel_values"])), batch["labels"],
+                                      255, weights)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
@@ -374,7 +352,7 @@ def train_and_evaluate(spec: RunSpec, dataset: str | Path, results: Path, comman
     model.train()
     optimizer, scheduler = make_optimizer(model, recipe)
     source = BatchSource(train_samples, recipe, spec.seed)
-    weights = class_weights(train_samples, len(id2label), recipe.class_weighting)
+    weights = class_weights((sample["label"] for sample in train_samples), len(id2label), recipe.class_weighting)
     record = {
         "model": spec.name, "base_model": spec.model, "overrides": spec.overrides, "recipe": spec.recipe_label,
         "recipe_config": asdict(recipe), "seed": spec.seed, "steps": steps,
@@ -382,7 +360,7 @@ def train_and_evaluate(spec: RunSpec, dataset: str | Path, results: Path, comman
         "gflops_at_eval_size": gflops(model, recipe.eval_short_side, val_samples[0]["label"].shape),
         "eval_size_short_side": recipe.eval_short_side, "train_images": len(train_samples),
         "val_images": len(val_samples), "id2label": {str(k): v for k, v in id2label.items()},
-        "class_weights": None if weights is None else [round(w, 4) for w in weights.tolist()],
+        "class_weights": None if weights is None else [round(w, 4) for w in weights],
         "val_miou_by_step": {}, "per_class_iou_by_step": {}, "train_loss_by_step": {},
         "command": command, "commit": git_commit(), "hardware": hardware(), "dataset": portable_path(dataset),
     }
@@ -419,7 +397,7 @@ def time_models(models: list[str], recipe_name: str, dataset: str | Path, steps:
     samples = load_samples(dataset, "train")
     num_labels = num_labels or len(load_id2label(dataset))
     source = BatchSource(samples, recipe, seed)
-    weights = class_weights(samples, num_labels, recipe.class_weighting)
+    weights = class_weights((sample["label"] for sample in samples), num_labels, recipe.class_weighting)
     runs = {}
     for name in models:
         torch.manual_seed(seed)

@@ -43,7 +43,10 @@ from ..models.modeling_senatra import (
     SeNaTraPreTrainedModel,
     global_num_masks,
 )
-from .data import Augmentation, SampleDecoder, TrainStream, batches, collate, eval_samples, load_id2label, load_split
+from .data import (
+    Augmentation, SampleDecoder, TrainStream, batches, class_weights, collate, decode_image, eval_samples,
+    load_id2label, load_split,
+)
 from .mask_annealing import set_mask_annealing
 from .optim import RunLength, create_optimizer, create_scheduler
 
@@ -56,6 +59,7 @@ MODELS = {
     "eomt": EomtForUniversalSegmentation,
 }
 QUERY_MODELS = ("senatra-universal", "eomt")
+CLASS_WEIGHT_SAMPLES = 2000  # label maps read for --class_weighting (the whole split of most datasets)
 
 
 @dataclass
@@ -119,6 +123,10 @@ class TrainArguments:
                                                                     "frozen during --warmup_steps)"})
     poly_power: float = 0.9
     max_grad_norm: float = 1.0
+    class_weighting: str | None = field(default=None, metadata={
+        "help": "weigh the semantic loss per class from the training labels (the first "
+                f"{CLASS_WEIGHT_SAMPLES} samples): 'enet' = 1/ln(1.02 + class share) (default: no weighting); "
+                "saved as the config's semantic_loss_weights"})
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (where the hardware has it)"})
     seed: int = 0
     logging_steps: int = 10
@@ -218,6 +226,25 @@ def image_processor(model, args: TrainArguments) -> SeNaTraImageProcessor:
             model.config, size={"longest_edge": size}, pad_size={"height": size, "width": size}
         )
     return SeNaTraImageProcessor.from_model_config(model.config, size={"shortest_edge": side})
+
+
+def training_class_weights(args: TrainArguments, num_labels: int) -> list[float]:
+    """`args.class_weighting`'s weights from the label maps of the training split's first CLASS_WEIGHT_SAMPLES
+    samples (a stream is read only that far)."""
+    if args.model in QUERY_MODELS:
+        raise ValueError(f"--class_weighting applies to semantic models, not {args.model} (a query model's loss "
+                         "weighs masks)")
+    records = load_split(args.dataset, args.train_split, [args.label_column], streaming=True).take(CLASS_WEIGHT_SAMPLES)
+    labels = (np.asarray(decode_image(record[args.label_column])) for record in records)
+    return class_weights(labels, num_labels, args.class_weighting)
+
+
+def labelled_weight(samples: list[dict], ignore_index: int, class_weights: list[float] | None) -> float:
+    """The labelled pixels of `samples`, each counted with its class's weight when the loss weighs classes."""
+    if class_weights is None:
+        return float(sum((sample["label"] != ignore_index).sum() for sample in samples))
+    weights = np.asarray(class_weights)
+    return float(sum(weights[sample["label"][sample["label"] != ignore_index]].sum() for sample in samples))
 
 
 def targets_for(args: TrainArguments) -> str:
@@ -397,28 +424,26 @@ def restart_schedule(optimizer, scheduler, state: dict, max_steps: int, accelera
                           f"{max_steps} (lr {lrs[-1]:.2e} at step {state['step']})")
 
 
-def labelled_pixels(samples: list[dict], ignore_index: int) -> int:
-    return int(sum((sample["label"] != ignore_index).sum() for sample in samples))
-
-
 def train_step(model, step_samples: list[list[dict]], processor, accelerator: Accelerator, targets: str) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches (this process's share of the step).
 
     Returns the step's loss as this process contributes it (the mean over processes is the loss of the whole step's
     batch) and the number of micro-batches with no labelled pixel.
 
-    - Semantic models return the mean over a micro-batch's labelled pixels. Each is weighted by the micro-batch's
-      share of the labelled pixels of the whole step, over every process and micro-batch: after Accelerate's
-      division by the accumulation steps and DDP's averaging over processes, the gradient is that of the mean over
-      every labelled pixel of the step, as on one process (plain averaging would give a pixel of a half-ignored
-      image twice the weight of one in a fully labelled image).
+    - Semantic models return the mean over a micro-batch's labelled pixels (weighted by class with
+      `semantic_loss_weights`). Each is weighted by the micro-batch's share of the labelled pixels (their total
+      weight) of the whole step, over every process and micro-batch: after Accelerate's division by the
+      accumulation steps and DDP's averaging over processes, the gradient is that of the mean over every labelled
+      pixel of the step, as on one process (plain averaging would give a pixel of a half-ignored image twice the
+      weight of one in a fully labelled image).
     - Query models normalise their mask losses by the number of masks over every process themselves
       (`global_num_masks`).
     - A micro-batch with no labelled pixel contributes a zero loss that keeps the graph (every parameter gets a
       zero gradient, as DDP needs), not a NaN.
     """
     ignore_index = processor.ignore_index
-    counts = [labelled_pixels(samples, ignore_index) for samples in step_samples]
+    weights = getattr(accelerator.unwrap_model(model).config, "semantic_loss_weights", None)
+    counts = [labelled_weight(samples, ignore_index, weights) for samples in step_samples]
     if targets == "labels":
         total = accelerator.reduce(torch.tensor(sum(counts), device=accelerator.device), "sum").item()
         scale = len(step_samples) * accelerator.num_processes / max(total, 1)
@@ -456,6 +481,8 @@ def train(args: TrainArguments) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     id2label = load_id2label(args.dataset)
     model = build_model(args, id2label)
+    if args.class_weighting:
+        model.config.semantic_loss_weights = training_class_weights(args, len(id2label))
     check_crop_fits(model, args)
     processor = image_processor(model, args)
     if accelerator.is_main_process:
