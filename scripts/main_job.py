@@ -8,7 +8,9 @@
 2. SeNaTra `nano-s16` (1.4M parameters: Nano's first three stages, grouping local then dense, so the native head
    labels tokens at stride 16; it out-learned Nano and SegFormer-B0 on this recipe, README "Does grouping earn its
    place?") trains from scratch on streamed, augmented 128x160 crops of the half-size images
-   (batch 8, AdamW lr 4e-4, warm-up then polynomial decay), with a progress bar showing loss and throughput.
+   (batch 8, AdamW lr 4e-4, warm-up then polynomial decay; the loss weighs each class by ENet's 1/ln(1.02 + its
+   share of the training pixels), which lifted both SeNaTra and its ablation by 5 points on the learning benchmark),
+   with a progress bar showing loss and throughput.
    Training stops after --train_minutes of wall time: after every step the number of steps is re-planned from the
    pace of the run so far (every pause counted, such as the end of each pass over the stream; the CPU may be shared
    and its load may change), and the lr decays to the end of that plan (optim.RunLength). --max_steps N trains a
@@ -67,7 +69,7 @@ def main():
     args = TrainArguments(
         dataset=str(dataset), output_dir=str(cli.out), model="senatra", preset="nano-s16",
         crop_height=128, crop_width=160, base_short_side=180, eval_short_side=180,
-        per_device_batch_size=8, learning_rate=4e-4, warmup_steps=50, logging_steps=5,
+        per_device_batch_size=8, learning_rate=4e-4, warmup_steps=50, class_weighting="enet", logging_steps=5,
         max_steps=cli.max_steps or STEP_CAP, max_train_minutes=None if cli.max_steps else cli.train_minutes,
     )
     result = train(args)
