@@ -82,10 +82,12 @@ def camvid_copies(folder: Path, count: int) -> Path:
 def test_a_folder_is_never_served_another_folders_cache(tmp_path):
     """datasets keys a local folder's cache entry by the folder's name: the entry of a 2-row `camvid` was served for
     every later non-streamed load of another `camvid` folder. `load_split` caches by path and content."""
-    small = camvid_copies(tmp_path / "a" / "camvid", 2)
+    # Both folders share a name no other test uses: an earlier test's `camvid` entry (of however many rows) would
+    # otherwise be what the first load_dataset serves.
+    small = camvid_copies(tmp_path / "a" / "camvid_cache_probe", 2)
     assert len(load_dataset(str(small), split="train")) == 2  # plants the entry under the shared name
     assert len(load_split(small, "train", ["image", "label"], streaming=False)) == 2
-    big = camvid_copies(tmp_path / "b" / "camvid", 5)
+    big = camvid_copies(tmp_path / "b" / "camvid_cache_probe", 5)
     assert len(load_split(big, "train", ["image", "label"], streaming=False)) == 5
     shutil.rmtree(small)
     camvid_copies(small, 3)  # the same folder written anew: its new content, not its cached old one
