@@ -239,11 +239,11 @@ def training_class_weights(args: TrainArguments, num_labels: int) -> list[float]
     return class_weights(labels, num_labels, args.class_weighting)
 
 
-def labelled_weight(samples: list[dict], ignore_index: int, class_weights: list[float] | None) -> float:
+def labelled_weight(samples: list[dict], ignore_index: int, weights: list[float] | None) -> float:
     """The labelled pixels of `samples`, each counted with its class's weight when the loss weighs classes."""
-    if class_weights is None:
+    if weights is None:
         return float(sum((sample["label"] != ignore_index).sum() for sample in samples))
-    weights = np.asarray(class_weights)
+    weights = np.asarray(weights)
     return float(sum(weights[sample["label"][sample["label"] != ignore_index]].sum() for sample in samples))
 
 
