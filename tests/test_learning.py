@@ -79,7 +79,9 @@ def test_run_writes_a_record_the_check_reads(camvid, tmp_path):
     assert saved["parameters"] > 1e6 and saved["gflops_at_eval_size"] > 0 and saved["seconds_per_step"] > 0
     assert len(saved["per_class_iou_by_step"]["4"]) == 11
     assert not spec.path(tmp_path).with_suffix(".partial").exists()
-    assert (tmp_path / "model" / "model.safetensors").is_file()
+    saved_model = ns.SeNaTraForSemanticSegmentation.from_pretrained(tmp_path / "model")
+    assert saved_model.config.id2label == {int(k): v for k, v in saved["id2label"].items()}  # the dataset's names
+    assert saved_model.config.label2id[saved["id2label"]["0"]] == 0
 
 
 def test_the_universal_model_trains_on_class_masks_with_annealing(camvid, tmp_path):

@@ -85,6 +85,26 @@ def test_layer_decay_follows_depth():
     assert decoder <= {id(p) for p in layer_decay_groups(segmenter, 1.0, 0.0, 0.8)[-1]["params"]}
 
 
+def test_grouping_lr_multiplier_scales_only_the_assignment_scalars():
+    model = ns.SeNaTraForSemanticSegmentation(ns.SeNaTraConfig(**TINY, num_labels=3))
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = layer_decay_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    groups = layer_decay_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5, grouping_lr_multiplier=10.0)
+    lr_of = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    plain_lr = {names[id(p)]: g["lr"] for g in plain for p in g["params"]}
+    scalars = {n for n in lr_of if n.endswith(("grouping.relative_bias", "grouping.log_logit_scale"))}
+    assert len(scalars) == 2 * (len(TINY["depths"]) - 1)  # a bias and a temperature per grouping layer
+    for name in lr_of:
+        assert lr_of[name] == pytest.approx(plain_lr[name] * (10.0 if name in scalars else 1.0)), name
+    # the same depth keeps its schedule: the scalars' group is the backbone's, as their layer is
+    assert all(g["is_backbone"] for g in groups if {names[id(p)] for p in g["params"]} <= scalars)
+    # at x1 the groups are exactly the layer-decay groups (a no-op for recorded recipes)
+    assert [len(g["params"]) for g in layer_decay_groups(model, 1.0, 0.05, 0.5, 1.0)] == [len(g["params"]) for g in plain]
+    # a model without grouping layers has nothing to multiply
+    none = ns.SeNaTraForSemanticSegmentation(ns.SeNaTraConfig(**{**TINY, "grouping_types": ["none"] * 3}, num_labels=3))
+    assert [g["lr"] for g in layer_decay_groups(none, 1.0, 0.05, 1.0, 10.0)] == [1.0] * len(layer_decay_groups(none, 1.0, 0.05, 1.0))
+
+
 def test_two_stage_warmup_then_polynomial_decay():
     model = ns.SeNaTraForSemanticSegmentation(ns.SeNaTraConfig(**TINY, num_labels=3))
     optimizer = create_optimizer(model, lr=1.0, layer_decay=1.0)

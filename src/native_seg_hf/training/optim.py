@@ -12,6 +12,11 @@ with `backbone_warmup_steps` > 0 the backbone stays frozen (lr 0) during that wa
 polynomially, `(1 - t' / T') ** power`, t' and T' counted from the end of its own warm-up to `total_steps`.
 Weight decay applies to every parameter, as in EoMT.
 
+Grouping's assignment scalars (each SeNaTra grouping layer's relative position bias and inverse temperature) may
+take `grouping_lr_multiplier` x their group's lr: they live on the scale of logits (the bias starts at 5, the
+temperature's log at log 10), which AdamW at a backbone lr of 4e-4 moves by at most ~0.5 in a 2000-step run, so
+at x1 they stay where they were initialised (README: "Does grouping earn its place?").
+
 Run length (`RunLength`): a fixed number of steps, or a time budget, where the number of steps is re-planned after
 every step from the pace of the whole run so far and the schedule runs to the current plan.
 """
@@ -28,11 +33,14 @@ BACKBONE_BLOCK = re.compile(
     r"^(?:senatra\.|backbone\.)?(encoder\.stages\.\d+\.(?:layers\.\d+|grouping)|encoder\.layer\.\d+|layers\.\d+)\."
 )
 EMBEDDINGS = re.compile(r"^(?:senatra\.|backbone\.)?embeddings\.")
+GROUPING_SCALARS = re.compile(r"\.grouping\.(?:relative_bias|log_logit_scale)$")
 
 
-def layer_decay_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Optimizer parameter groups, one per depth, with `lr` scaled by depth (module docstring). Each group also
-    carries `is_backbone` for the schedule."""
+def layer_decay_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float,
+                       grouping_lr_multiplier: float = 1.0) -> list[dict]:
+    """Optimizer parameter groups, one per depth (and, with `grouping_lr_multiplier` != 1, one more per grouping
+    layer for its assignment scalars), with `lr` scaled by depth (module docstring). Each group also carries
+    `is_backbone` for the schedule."""
     blocks: list[str] = []
     depth_of = {}
     for name, parameter in model.named_parameters():
@@ -46,22 +54,24 @@ def layer_decay_groups(model: torch.nn.Module, lr: float, weight_decay: float, l
         elif EMBEDDINGS.match(name):
             depth_of[name] = 0
     num_blocks = len(blocks)
-    groups: dict[int, dict] = {}
+    groups: dict[tuple[int, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         depth = depth_of.get(name, num_blocks + 1)
-        group = groups.setdefault(depth, {
+        scalar = grouping_lr_multiplier != 1 and GROUPING_SCALARS.search(name) is not None
+        group = groups.setdefault((depth, scalar), {
             "params": [], "weight_decay": weight_decay, "is_backbone": depth <= num_blocks,
-            "lr": lr * layer_decay ** max(0, num_blocks - depth),
+            "lr": lr * layer_decay ** max(0, num_blocks - depth) * (grouping_lr_multiplier if scalar else 1),
         })
         group["params"].append(parameter)
-    return [groups[depth] for depth in sorted(groups)]
+    return [groups[key] for key in sorted(groups)]
 
 
 def create_optimizer(model, lr: float, weight_decay: float = 0.05, layer_decay: float = 1.0,
-                     betas=(0.9, 0.999)) -> torch.optim.AdamW:
-    return torch.optim.AdamW(layer_decay_groups(model, lr, weight_decay, layer_decay), lr=lr, betas=betas)
+                     betas=(0.9, 0.999), grouping_lr_multiplier: float = 1.0) -> torch.optim.AdamW:
+    groups = layer_decay_groups(model, lr, weight_decay, layer_decay, grouping_lr_multiplier)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, power: float = 0.9, delay: int = 0) -> float:
