@@ -3,6 +3,7 @@
 import json
 import runpy
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import native_seg_hf as ns
 from native_seg_hf.models.image_processing_senatra import semantic_logits
 from native_seg_hf.models.modeling_senatra import semantic_cross_entropy
 from native_seg_hf.training.data import class_weights
+from native_seg_hf.training import learning
 from native_seg_hf.training.diagnosis import assignment_statistics, gradient_statistics, label_bounds, majority_labels
 from native_seg_hf.training.learning import (
     MODEL_BUILDERS, RECIPES, BatchSource, RunSpec, class_mask_targets, evaluate_semantic, load_samples, make_optimizer,
@@ -82,6 +84,23 @@ def test_run_writes_a_record_the_check_reads(camvid, tmp_path):
     saved_model = ns.SeNaTraForSemanticSegmentation.from_pretrained(tmp_path / "model")
     assert saved_model.config.id2label == {int(k): v for k, v in saved["id2label"].items()}  # the dataset's names
     assert saved_model.config.label2id[saved["id2label"]["0"]] == 0
+
+
+def test_a_recipe_with_a_weight_average_scores_and_saves_the_average(camvid, tmp_path, monkeypatch):
+    monkeypatch.setitem(RECIPES, "smoke-average", replace(RECIPES["smoke"], weight_average=0.5))
+    scored = []
+    monkeypatch.setattr(learning, "evaluate_semantic", lambda model, *args: scored.append(model) or
+                        {"mean_iou": 1.0, "per_class_iou": [1.0] * 11})
+    spec = RunSpec("senatra", "smoke-average", seed=0)
+    train_and_evaluate(spec, camvid, tmp_path, "test", log=lambda *_: None, save_model=tmp_path / "model")
+    live_run = []
+    monkeypatch.setattr(learning, "evaluate_semantic", lambda model, *args: live_run.append(model) or
+                        {"mean_iou": 1.0, "per_class_iou": [1.0] * 11})
+    train_and_evaluate(RunSpec("senatra", "smoke", seed=0), camvid, tmp_path, "test", log=lambda *_: None)
+    averaged, live = scored[-1].state_dict(), live_run[-1].state_dict()
+    assert any(not torch.equal(averaged[k], live[k]) for k in live)  # the average, not the last weights
+    saved = ns.SeNaTraForSemanticSegmentation.from_pretrained(tmp_path / "model").state_dict()
+    assert all(torch.equal(saved[k], averaged[k]) for k in saved)
 
 
 def test_the_universal_model_trains_on_class_masks_with_annealing(camvid, tmp_path):

@@ -28,7 +28,7 @@ from native_seg_hf.training.data import Augmentation, class_weights, load_id2lab
 from native_seg_hf.training.hub import finish_run
 from native_seg_hf.training import loop as training_loop
 from native_seg_hf.training.loop import TrainArguments, evaluate_saved, train, training_threads
-from native_seg_hf.training.optim import create_optimizer, create_scheduler, layer_decay_groups
+from native_seg_hf.training.optim import WeightAverage, create_optimizer, create_scheduler, layer_decay_groups
 from native_seg_hf.training.trainer import MeanIoUMetrics, preprocess_logits_for_metrics, trainer_transform
 from segmentation_datasets import ID2LABEL, camvid_dataset, synthetic_dataset, synthetic_rows
 
@@ -103,6 +103,27 @@ def test_grouping_lr_multiplier_scales_only_the_assignment_scalars():
     # a model without grouping layers has nothing to multiply
     none = ns.SeNaTraForSemanticSegmentation(ns.SeNaTraConfig(**{**TINY, "grouping_types": ["none"] * 3}, num_labels=3))
     assert [g["lr"] for g in layer_decay_groups(none, 1.0, 0.05, 1.0, 10.0)] == [1.0] * len(layer_decay_groups(none, 1.0, 0.05, 1.0))
+
+
+def test_weight_average_is_a_warmed_up_moving_average_of_parameters_with_live_buffers():
+    torch.manual_seed(0)
+    live = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = WeightAverage(live, decay=0.9)
+    expected = [p.detach().clone() for p in live.parameters()]
+    for step in range(1, 40):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn_like(p))
+        live(torch.randn(4, 3))  # moves BatchNorm's running statistics
+        average.update(step)
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, live.parameters())]
+    assert all(torch.allclose(a, e) for a, e in zip(average.model.parameters(), expected))
+    assert not any(torch.equal(a, p) for a, p in zip(average.model.parameters(), live.parameters()))
+    assert torch.equal(average.model[1].running_mean, live[1].running_mean)
+    assert not any(p.requires_grad for p in average.model.parameters())
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(live, decay=1.0)
 
 
 def test_two_stage_warmup_then_polynomial_decay():

@@ -21,6 +21,7 @@ Run length (`RunLength`): a fixed number of steps, or a time budget, where the n
 every step from the pace of the whole run so far and the schedule runs to the current plan.
 """
 
+import copy
 import math
 import re
 import time
@@ -98,6 +99,30 @@ def create_scheduler(optimizer, total_steps: int | Callable[[], int], warmup_ste
         return lambda step: lr_factor(step, warmup_steps, total(), power)
 
     return LambdaLR(optimizer, [schedule(group["is_backbone"]) for group in optimizer.param_groups])
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters, for evaluation (Polyak averaging).
+
+    `update(step)` after every optimizer step: `ema = d ema + (1 - d) live`, with `d = min(decay, (1 + step) /
+    (10 + step))` so the first steps are not held back by the initial weights. Buffers (BatchNorm's running
+    statistics, EoMT's annealing state) are copied from the live model: they are running values already.
+    `model` is the averaged copy, an ordinary module (evaluate it, save it).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"the weight average's decay must lie in (0, 1), got {decay}")
+        self.decay, self.live = decay, model
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        weight = 1 - min(self.decay, (1 + step) / (10 + step))
+        for averaged, live in zip(self.model.parameters(), self.live.parameters()):
+            averaged.lerp_(live, weight)
+        for averaged, live in zip(self.model.buffers(), self.live.buffers()):
+            averaged.copy_(live)
 
 
 class RunLength:
