@@ -3,8 +3,9 @@ with one shared recipe and record validation mIoU by step, one JSON per run unde
 
     # runs (skipped where their JSON exists, so a campaign spreads over sittings)
     python scripts/benchmark_learning.py --models senatra senatra-none segformer-b0 --recipe camvid-main --seeds 0 1
-    # an ablation variant: config overrides, recorded in the run's name
+    # an ablation variant: config overrides, recorded in the run's name (--override applies to every model)
     python scripts/benchmark_learning.py --models senatra --override '{"grouping_iterations": 2}' --steps 500
+    python scripts/benchmark_learning.py --models senatra 'senatra[grouping_iterations=2]' --steps 500  # the same
     # seconds per training step, the models' steps alternated on the same batches in one process
     python scripts/benchmark_learning.py --time --models senatra senatra-none segformer-b0 --recipe camvid-main
     # the README's results table, from the JSON files only
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from native_seg_hf.training.learning import (
-    MODEL_BUILDERS, RECIPES, RunSpec, git_commit, hardware, time_models, train_and_evaluate,
+    RECIPES, RunSpec, file_name, git_commit, hardware, parse_run_name, run_name, time_models, train_and_evaluate,
 )
 from native_seg_hf.training.learning_report import render_readme_table
 
@@ -30,10 +31,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = Path.home() / ".cache" / "native_seg_hf" / "data" / "camvid"
 
 
+def model_variant(name: str) -> str:
+    """argparse type of --models: a model, or a variant `model[key=json,...]` (as run names write them)."""
+    try:
+        parse_run_name(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["senatra", "senatra-none", "segformer-b0"],
-                        choices=sorted(MODEL_BUILDERS))
+    parser.add_argument("--models", nargs="+", default=["senatra", "senatra-none", "segformer-b0"], type=model_variant,
+                        help="models (segformer-b0, segmenter-linear, senatra, senatra-nano, senatra-nano-none, "
+                             "senatra-none, senatra-universal), or variants model[key=json,...]")
     parser.add_argument("--recipe", default="camvid-main", choices=sorted(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, help="stop after this many steps (default: the recipe's schedule)")
@@ -54,19 +65,21 @@ def main():
     if not Path(args.dataset).is_dir():
         sys.exit(f"{args.dataset} is not a prepared dataset folder: run `python scripts/prepare_data.py camvid`")
     command = "python " + shlex.join(["scripts/benchmark_learning.py", *sys.argv[1:]])
+    overrides = json.loads(args.override)
+    variants = [(model, {**variant, **overrides}) for model, variant in map(parse_run_name, args.models)]
     if args.time:
-        seconds = time_models(args.models, args.recipe, args.dataset, steps=args.time_steps)
+        names = [run_name(model, variant) for model, variant in variants]
+        seconds = time_models(names, args.recipe, args.dataset, steps=args.time_steps)
         record = {"recipe": args.recipe, "seconds_per_step": seconds, "steps_timed": args.time_steps,
                   "command": command, "commit": git_commit(), "hardware": hardware()}
-        out = args.results / "timing" / f"{args.recipe}__{'+'.join(args.models)}.json"
+        out = args.results / "timing" / file_name(f"{args.recipe}__{'+'.join(names)}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1))
         print(json.dumps(seconds, indent=1))
         return
-    overrides = json.loads(args.override)
     for seed in args.seeds:
-        for model in args.models:
-            spec = RunSpec(model, args.recipe, seed, args.steps, overrides)
+        for model, variant in variants:
+            spec = RunSpec(model, args.recipe, seed, args.steps, variant)
             if spec.path(args.results).exists():
                 print(f"skip {spec.path(args.results).name}: already measured")
                 continue

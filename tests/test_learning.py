@@ -19,7 +19,7 @@ from native_seg_hf.training import learning
 from native_seg_hf.training.diagnosis import assignment_statistics, gradient_statistics, label_bounds, majority_labels
 from native_seg_hf.training.learning import (
     MODEL_BUILDERS, RECIPES, BatchSource, RunSpec, class_mask_targets, evaluate_semantic, load_samples, make_optimizer,
-    run_name, train_and_evaluate, train_step,
+    parse_run_name, run_name, train_and_evaluate, train_step,
 )
 from native_seg_hf.training.learning_report import BEGIN, END, learning_table, render_readme_table
 from segmentation_datasets import camvid_dataset
@@ -157,6 +157,31 @@ def test_truncated_runs_and_variants_are_named_apart():
     assert RunSpec("senatra", "smoke").recipe_label == "smoke"
     assert run_name("senatra", {"grouping_parent_bias": 0.0}) == "senatra[grouping_parent_bias=0.0]"
     assert run_name("senatra", {}) == "senatra"
+
+
+@pytest.mark.parametrize("overrides", [{}, {"grouping_types": ["local", "local"]},
+                                       {"grouping_logit_scale": None, "grouping_parent_bias": 0.0},
+                                       {"a": {"b": [1, 2]}, "c": "x,y=z"}])
+def test_a_variants_run_name_parses_back(overrides):
+    assert parse_run_name(run_name("senatra", overrides)) == ("senatra", overrides)
+
+
+@pytest.mark.parametrize("name", ["segnet", "senatra[grouping_iterations=2", "senatra[=2]", "senatra[a=nope]"])
+def test_a_bad_variant_name_is_refused(name):
+    with pytest.raises(ValueError):
+        parse_run_name(name)
+
+
+def test_script_times_variants_side_by_side(camvid, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["benchmark_learning.py", "--time", "--time_steps", "1", "--recipe", "smoke",
+                                      "--models", "senatra", 'senatra[grouping_types=["local","local"]]',
+                                      "--dataset", str(camvid), "--results", str(results)])
+    runpy.run_path(str(ROOT / "scripts" / "benchmark_learning.py"), run_name="__main__")
+    (path,) = (results / "timing").glob("*.json")
+    seconds = json.loads(path.read_text())["seconds_per_step"]
+    assert set(seconds) == {"senatra", 'senatra[grouping_types=["local","local"]]'} and min(seconds.values()) > 0
+    assert '"' not in path.name
 
 
 def test_script_skips_measured_runs_and_renders_the_table(camvid, tmp_path, monkeypatch, capsys):

@@ -165,6 +165,30 @@ def run_name(model: str, overrides: dict) -> str:
     return model + "[" + ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(overrides.items())) + "]"
 
 
+def file_name(name: str) -> str:
+    """`name` (with a variant's JSON in it) as a portable file name."""
+    return name.replace("/", "_").replace('"', "").replace(" ", "")
+
+
+def parse_run_name(name: str) -> tuple[str, dict]:
+    """The inverse of `run_name`: `"senatra[grouping_iterations=2]"` -> `("senatra", {"grouping_iterations": 2})`."""
+    model, bracket, rest = name.partition("[")
+    if model not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model {model!r}: choose from {sorted(MODEL_BUILDERS)}")
+    overrides, decoder, position = {}, json.JSONDecoder(), 0
+    if bracket and not rest.endswith("]"):
+        raise ValueError(f"{name!r}: a variant is model[key=json,...]")
+    rest = rest[:-1]
+    while position < len(rest):
+        key, equals, _ = rest[position:].partition("=")
+        if not equals or not key.isidentifier():
+            raise ValueError(f"{name!r}: a variant is model[key=json,...]")
+        value, end = decoder.raw_decode(rest, position + len(key) + 1)
+        overrides[key] = value
+        position = end + (end < len(rest) and rest[end] == ",")
+    return model, overrides
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data: decoded once, batches drawn deterministically from (seed, step).
 # ----------------------------------------------------------------------------------------------------------
@@ -345,8 +369,7 @@ class RunSpec:
         return self.recipe if steps >= RECIPES[self.recipe].schedule_steps else f"{self.recipe}@{steps}"
 
     def path(self, results: Path) -> Path:
-        safe = self.name.replace("/", "_").replace('"', "").replace(" ", "")
-        return results / f"{self.recipe_label}__{safe}__seed{self.seed}.json"
+        return results / file_name(f"{self.recipe_label}__{self.name}__seed{self.seed}.json")
 
 
 def train_and_evaluate(spec: RunSpec, dataset: str | Path, results: Path, command: str, log=print,
@@ -408,8 +431,9 @@ def train_and_evaluate(spec: RunSpec, dataset: str | Path, results: Path, comman
 
 def time_models(models: list[str], recipe_name: str, dataset: str | Path, steps: int = 6, seed: int = 0,
                 num_labels: int | None = None) -> dict:
-    """Seconds per training step of each model, measured by alternating their steps on the same batches in one
-    process (never compare times from separate runs on a shared machine). The first step of each is a warm-up."""
+    """Seconds per training step of each model (a name of `MODEL_BUILDERS`, or a variant's `run_name`), measured by
+    alternating their steps on the same batches in one process (never compare times from separate runs on a shared
+    machine). The first step of each is a warm-up."""
     recipe = RECIPES[recipe_name]
     samples = load_samples(dataset, "train")
     num_labels = num_labels or len(load_id2label(dataset))
@@ -418,7 +442,8 @@ def time_models(models: list[str], recipe_name: str, dataset: str | Path, steps:
     runs = {}
     for name in models:
         torch.manual_seed(seed)
-        model = MODEL_BUILDERS[name](num_labels, {}).train()
+        model_name, overrides = parse_run_name(name)
+        model = MODEL_BUILDERS[model_name](num_labels, overrides).train()
         runs[name] = (model, *make_optimizer(model, recipe))
     times = {name: [] for name in models}
     for step in range(steps + 1):
