@@ -8,7 +8,8 @@
 For each saved SeNaTraForSemanticSegmentation folder: assignment entropy, largest weights and groups used per
 level, at the evaluation size (validation images) and at the training crop size (the recipe's batches); oracle
 and model mIoU bounds (soft vs hardened assignments, near label boundaries vs interior); gradient norms per
-parameter family on one training batch. Data: CamVid's validation and training splits (prepared folder).
+parameter family on one training batch; where the grouping layers' bias and temperature ended up. Data: CamVid's
+validation and training splits (prepared folder).
 """
 
 import argparse
@@ -20,7 +21,7 @@ import torch
 
 from native_seg_hf.models.configuration_senatra import SeNaTraConfig
 from native_seg_hf.models.modeling_senatra import SeNaTraForSemanticSegmentation
-from native_seg_hf.training.diagnosis import assignment_statistics, gradient_statistics, label_bounds
+from native_seg_hf.training.diagnosis import assignment_statistics, gradient_statistics, grouping_scalars, label_bounds
 from native_seg_hf.training.data import load_id2label
 from native_seg_hf.training.learning import RECIPES, BatchSource, eval_inputs, git_commit, hardware, load_samples
 
@@ -65,6 +66,7 @@ def main():
             "assignments_train_size": assignment_statistics(model, train_batch["pixel_values"]),
             "miou_bounds": label_bounds(model, val, recipe.eval_short_side, model.config.num_labels),
             "gradients": gradient_statistics(model.train(), train_batch),
+            "grouping_scalars": grouping_scalars(model),
         }
         report["models"][name] = entry
         print(f"== {name}")
@@ -76,6 +78,10 @@ def main():
                       f"{level['mean_largest_weight']:.2f} (uniform {level['uniform_weight']:.2f}), groups used "
                       f"{min(used)}-{max(used)} of {level['groups_possible']}")
         print("  mIoU:", ", ".join(f"{k} {v:.1f}" for k, v in entry["miou_bounds"].items()))
+        for layer in entry["grouping_scalars"]:
+            scale = layer["logit_scale"] and round(layer["logit_scale"], 2)  # None for scaled dot-product logits
+            print(f"  stage {layer['stage']} {layer['kind']:5s} logit scale {scale}, parent bias "
+                  f"{layer['parent_bias']:.2f}, elsewhere {layer['other_bias_min']:.2f}..{layer['other_bias_max']:.2f}")
         for family, g in entry["gradients"].items():
             print(f"  grad {family:26s} |g| {g['grad_norm']:.2e}  |p| {g['param_norm']:.2e}  rms g {g['grad_per_param_rms']:.2e}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,9 @@ from native_seg_hf.models.image_processing_senatra import semantic_logits
 from native_seg_hf.models.modeling_senatra import semantic_cross_entropy
 from native_seg_hf.training.data import class_weights
 from native_seg_hf.training import learning
-from native_seg_hf.training.diagnosis import assignment_statistics, gradient_statistics, label_bounds, majority_labels
+from native_seg_hf.training.diagnosis import (
+    assignment_statistics, gradient_statistics, grouping_scalars, label_bounds, majority_labels,
+)
 from native_seg_hf.training.learning import (
     MODEL_BUILDERS, RECIPES, BatchSource, RunSpec, class_mask_targets, evaluate_semantic, load_samples, make_optimizer,
     parse_run_name, run_name, train_and_evaluate, train_step,
@@ -217,6 +219,15 @@ def test_diagnosis_measures_a_model(camvid):
     assert set(bounds) >= {"oracle_native", "oracle_grid", "soft", "hard"} and all(0 <= v <= 100 for v in bounds.values())
     grads = gradient_statistics(model, batch)
     assert grads["grouping.query"]["grad_norm"] > 0 and grads["head"]["grad_norm"] > 0
+    scalars = grouping_scalars(model)  # freshly initialised: exactly the configured starting values
+    assert [layer["kind"] for layer in scalars] == ["local", "local", "dense"]
+    config = model.config
+    assert all(layer["parent_bias"] == pytest.approx(config.grouping_parent_bias) for layer in scalars)
+    assert all(layer["logit_scale"] == pytest.approx(config.grouping_logit_scale) for layer in scalars)
+    assert all(layer["other_bias_min"] == layer["other_bias_max"] == 0 for layer in scalars)
+    with torch.no_grad():
+        model.senatra.encoder.stages[1].grouping.relative_bias.add_(1.0)
+    assert grouping_scalars(model)[0]["parent_bias"] == pytest.approx(config.grouping_parent_bias + 1)
 
 
 def test_majority_labels_paint_each_segment_with_its_most_frequent_valid_label():

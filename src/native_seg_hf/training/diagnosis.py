@@ -8,6 +8,8 @@
   assignments, split into pixels near label boundaries and the rest.
 - `gradient_statistics`: for one training batch, gradient and parameter norms of each parameter family
   (grouping keys/queries/values/biases/temperatures, blocks, head).
+- `grouping_scalars`: where each grouping layer's relative bias and inverse temperature ended up, against where
+  they start (`grouping_parent_bias` on the parent cell, `grouping_logit_scale`).
 """
 
 import math
@@ -131,3 +133,24 @@ def gradient_statistics(model, batch: dict) -> dict:
     model.zero_grad(set_to_none=True)
     return {f: {"grad_norm": math.sqrt(grad_sq[f]), "param_norm": math.sqrt(param_sq[f]), "numel": count[f],
                 "grad_per_param_rms": math.sqrt(grad_sq[f] / count[f])} for f in param_sq}
+
+
+def grouping_scalars(model) -> list[dict]:
+    """Per grouping layer (stage order): its inverse temperature, the mean relative bias on the parent cell, and
+    the range of the bias elsewhere (strided-downsampling layers have neither and are left out)."""
+    layers = []
+    for stage, module in enumerate(model.senatra.encoder.stages):
+        grouping = module.grouping
+        if grouping is None or grouping.kind == "none":
+            continue
+        side, radius = 2 * grouping.bias_radius + 2, grouping.bias_radius
+        table = grouping.relative_bias.detach().reshape(side, side)
+        parent = torch.zeros_like(table, dtype=torch.bool)
+        parent[radius : radius + 2, radius : radius + 2] = True
+        layers.append({
+            "stage": stage, "kind": grouping.kind,
+            "logit_scale": float(grouping.log_logit_scale.exp()) if grouping.cosine else None,
+            "parent_bias": float(table[parent].mean()),
+            "other_bias_min": float(table[~parent].min()), "other_bias_max": float(table[~parent].max()),
+        })
+    return layers
