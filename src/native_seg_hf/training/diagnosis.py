@@ -143,10 +143,8 @@ def grouping_scalars(model) -> list[dict]:
         grouping = module.grouping
         if grouping is None or grouping.kind == "none":
             continue
-        side, radius = 2 * grouping.bias_radius + 2, grouping.bias_radius
-        table = grouping.relative_bias.detach().reshape(side, side)
-        parent = torch.zeros_like(table, dtype=torch.bool)
-        parent[radius : radius + 2, radius : radius + 2] = True
+        table = grouping.relative_bias.detach()
+        parent = grouping.parent_bias_init(1.0).to(table.device).bool()  # the layer's own parent-cell entries
         layers.append({
             "stage": stage, "kind": grouping.kind,
             "logit_scale": float(grouping.log_logit_scale.exp()) if grouping.cosine else None,
