@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from native_seg_hf.training.learning import (
-    RECIPES, RunSpec, file_name, git_commit, hardware, parse_run_name, run_name, time_models, train_and_evaluate,
+    MODEL_BUILDERS, RECIPES, RunSpec, file_name, git_commit, hardware, parse_run_name, run_name, time_models,
+    train_and_evaluate,
 )
 from native_seg_hf.training.learning_report import render_readme_table
 
@@ -43,8 +44,7 @@ def model_variant(name: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["senatra", "senatra-none", "segformer-b0"], type=model_variant,
-                        help="models (segformer-b0, segmenter-linear, senatra, senatra-nano, senatra-nano-none, "
-                             "senatra-none, senatra-universal), or variants model[key=json,...]")
+                        help=f"models ({', '.join(sorted(MODEL_BUILDERS))}), or variants model[key=json,...]")
     parser.add_argument("--recipe", default="camvid-main", choices=sorted(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, help="stop after this many steps (default: the recipe's schedule)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import EomtForUniversalSegmentation
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 import native_seg_hf as ns
@@ -21,7 +22,7 @@ from native_seg_hf.training.diagnosis import (
 )
 from native_seg_hf.training.learning import (
     MODEL_BUILDERS, RECIPES, BatchSource, RunSpec, class_mask_targets, evaluate_semantic, load_samples, make_optimizer,
-    parse_run_name, run_name, train_and_evaluate, train_step,
+    pad_to_square, parse_run_name, predict, run_name, square_input_side, train_and_evaluate, train_step,
 )
 from native_seg_hf.training.learning_report import BEGIN, END, learning_table, render_readme_table
 from segmentation_datasets import camvid_dataset
@@ -113,6 +114,41 @@ def test_the_universal_model_trains_on_class_masks_with_annealing(camvid, tmp_pa
     assert torch.all(saved.attn_mask_probs == 0)  # annealed to the end of the 4-step schedule
 
 
+def test_transformers_eomt_trains_on_square_crops_and_is_scored_through_windows(camvid, tmp_path):
+    record = train_and_evaluate(RunSpec("eomt-vit-s", "smoke", seed=0), camvid, tmp_path, "test",
+                                log=lambda *_: None, save_model=tmp_path / "model")
+    assert set(record["val_miou_by_step"]) == {"2", "4"} and record["parameters"] > 2e7
+    saved = EomtForUniversalSegmentation.from_pretrained(tmp_path / "model")
+    assert saved.config.image_size == max(RECIPES["smoke"].crop)  # the recipe's longer crop side
+    assert torch.all(saved.attn_mask_probs == 0)  # annealed to the end of the 4-step schedule
+
+
+def test_a_fixed_size_models_batches_are_padded_to_its_square():
+    batch = {"pixel_values": torch.ones(2, 3, 64, 96), "labels": torch.zeros(2, 64, 96, dtype=torch.long)}
+    padded = pad_to_square(batch, 96)
+    assert padded["pixel_values"].shape == (2, 3, 96, 96) and padded["labels"].shape == (2, 96, 96)
+    assert torch.all(padded["pixel_values"][..., 64:, :] == 0) and torch.all(padded["labels"][:, 64:] == 255)
+    assert torch.equal(padded["labels"][:, :64], batch["labels"])
+    with pytest.raises(ValueError, match="do not fit"):
+        pad_to_square(batch, 80)
+
+
+def test_a_fixed_size_model_predicts_every_pixel_through_windows():
+    torch.manual_seed(0)
+    model = MODEL_BUILDERS["eomt-vit-s"](11, {}, RECIPES["smoke"]).eval()
+    assert square_input_side(model) == 96
+    assert square_input_side(MODEL_BUILDERS["senatra"](11, {}, RECIPES["smoke"])) is None
+    window = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        alone = torch.nn.functional.interpolate(semantic_logits(model(pixel_values=window)), size=(96, 96),
+                                                mode="bilinear", align_corners=False)
+    assert torch.allclose(predict(model, window), alone, atol=1e-5)  # one window: the model's own scores
+    wide = torch.cat([window, torch.randn(1, 3, 96, 64)], dim=-1)  # 96x160: two windows, overlapping by 32
+    scores = predict(model, wide)
+    assert scores.shape == (1, 11, 96, 160)
+    assert torch.allclose(scores[..., :64], alone[..., :64], atol=1e-5)  # covered by the first window only
+
+
 def test_class_mask_targets_have_one_mask_per_labelled_class():
     labels = torch.tensor([[[0, 0, 3], [255, 3, 3]], [[255, 255, 255], [255, 255, 255]]])
     targets = class_mask_targets(labels)
@@ -139,7 +175,8 @@ def test_the_benchmarks_weighted_loss_with_equal_weights_is_each_models_own_loss
     batch["labels"][0, :8] = 255
     for name in ("senatra", "segformer-b0"):
         torch.manual_seed(0)
-        model = MODEL_BUILDERS[name](11, {}).eval()  # eval: no stochastic depth between the two forwards
+        # eval: no stochastic depth between the two forwards
+        model = MODEL_BUILDERS[name](11, {}, RECIPES["smoke"]).eval()
         own = model(**batch).loss
         logits = semantic_logits(model(pixel_values=batch["pixel_values"]))
         equal = semantic_cross_entropy(logits, batch["labels"], 255, [3.0] * 11)
@@ -149,7 +186,7 @@ def test_the_benchmarks_weighted_loss_with_equal_weights_is_each_models_own_loss
 def test_class_weighting_is_refused_for_query_models(camvid):
     recipe = RECIPES["smoke"]
     batch = BatchSource(load_samples(camvid, "train"), recipe, seed=0).batch(0)
-    model = MODEL_BUILDERS["senatra-universal"](11, {})
+    model = MODEL_BUILDERS["senatra-universal"](11, {}, recipe)
     with pytest.raises(ValueError, match="query models"):
         train_step(model, *make_optimizer(model, recipe), batch, recipe.max_grad_norm, torch.ones(11))
 

@@ -147,7 +147,7 @@ def grouping_scalars(model) -> list[dict]:
         parent = grouping.parent_bias_init(1.0).to(table.device).bool()  # the layer's own parent-cell entries
         layers.append({
             "stage": stage, "kind": grouping.kind,
-            "logit_scale": float(grouping.log_logit_scale.exp()) if grouping.cosine else None,
+            "logit_scale": float(grouping.log_logit_scale.detach().exp()) if grouping.cosine else None,
             "parent_bias": float(table[parent].mean()),
             "other_bias_min": float(table[~parent].min()), "other_bias_max": float(table[~parent].max()),
         })

@@ -14,7 +14,8 @@ paper's ablation), `senatra-nano` and `senatra-nano-none` (the `nano` preset, fi
 local/local/dense, with and without grouping), `senatra-universal` (SeNaTra-Nano
 with EoMT-style queries, trained on one mask per class present with Mask2Former's loss and mask annealing over
 the schedule, scored through the semantic post-processing `sum_q p(c|q) sigmoid(mask_q)`), `segformer-b0`
-(Transformers' `SegformerForSemanticSegmentation`, B0 size), `segmenter-linear` (Segmenter's linear decoder on a
+(Transformers' `SegformerForSemanticSegmentation`, B0 size), `eomt-vit-s` (Transformers' `EomtForUniversalSegmentation`
+at ViT-S size, trained like `senatra-universal`), `segmenter-linear` (Segmenter's linear decoder on a
 small Transformers Dinov2 ViT). Config overrides (`overrides`) give ablation variants, recorded in the run's name.
 
 Data are held in memory, decoded once (CamVid is 367 + 101 images): the benchmark measures learning, not input
@@ -35,13 +36,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import Dinov2Config, SegformerConfig, SegformerForSemanticSegmentation
+from transformers import (
+    Dinov2Config, EomtConfig, EomtForUniversalSegmentation, SegformerConfig, SegformerForSemanticSegmentation,
+)
 
 from ..metrics import MeanIoU
 from ..models.configuration_segmenter import SegmenterConfig
 from ..models.configuration_senatra import SENATRA_PRESETS, SeNaTraConfig
 from ..models.modeling_segmenter import SegmenterForSemanticSegmentation
-from ..models.image_processing_senatra import semantic_logits
+from ..models.image_processing_senatra import SeNaTraImageProcessor, semantic_logits
 from ..models.modeling_senatra import (
     SeNaTraForSemanticSegmentation, SeNaTraForUniversalSegmentation, semantic_cross_entropy,
 )
@@ -118,8 +121,12 @@ RECIPES = {
 }
 
 
+# A builder makes a model from random initialisation: build(num_labels, overrides, recipe), `overrides` being config
+# fields (a variant) and `recipe` the one it will train with (a model with a fixed input size takes its crop).
+
+
 def senatra_builder(preset: str, grouping: str | None = None):
-    def build(num_labels: int, overrides: dict) -> torch.nn.Module:
+    def build(num_labels: int, overrides: dict, recipe: Recipe) -> torch.nn.Module:
         transitions = len(SENATRA_PRESETS[preset]["depths"]) - 1
         extra = {"grouping_types": [grouping] * transitions} if grouping else {}
         return SeNaTraForSemanticSegmentation(SeNaTraConfig.from_preset(preset, num_labels=num_labels,
@@ -127,19 +134,28 @@ def senatra_builder(preset: str, grouping: str | None = None):
     return build
 
 
-def senatra_universal(num_labels: int, overrides: dict) -> torch.nn.Module:
+def senatra_universal(num_labels: int, overrides: dict, recipe: Recipe) -> torch.nn.Module:
     # Nano's last stage has 2 blocks: both take the queries; 100 queries as EoMT uses for semantic segmentation.
     config = SeNaTraConfig.from_preset("nano", num_labels=num_labels, num_queries=100, num_blocks=2, **overrides)
     return SeNaTraForUniversalSegmentation(config)
 
 
-def segformer_b0(num_labels: int, overrides: dict) -> torch.nn.Module:
+def segformer_b0(num_labels: int, overrides: dict, recipe: Recipe) -> torch.nn.Module:
     # SegformerConfig's defaults are the B0 size (widths 32/64/160/256, depths 2/2/2/2, decoder 256).
     return SegformerForSemanticSegmentation(SegformerConfig(num_labels=num_labels, semantic_loss_ignore_index=255,
                                                             **overrides))
 
 
-def segmenter_linear(num_labels: int, overrides: dict) -> torch.nn.Module:
+def eomt_vit_s(num_labels: int, overrides: dict, recipe: Recipe) -> torch.nn.Module:
+    # EoMT's ViT-S (384 wide, 12 blocks, 6 heads, patch 16, 4 register tokens), queries in the last 4 blocks, 100
+    # queries as for semantic segmentation. Its position embeddings are learned for one square size, so it takes
+    # the recipe's longer crop side: crops are padded to that square, evaluation runs square windows (`predict`).
+    config = EomtConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=16,
+                        image_size=max(recipe.crop), num_queries=100, num_blocks=4, num_labels=num_labels, **overrides)
+    return EomtForUniversalSegmentation(config)
+
+
+def segmenter_linear(num_labels: int, overrides: dict, recipe: Recipe) -> torch.nn.Module:
     # A ViT-Ti-sized Dinov2 (192 wide, 12 blocks, 3 heads, patch 16): the smallest ViT Segmenter reports.
     backbone = Dinov2Config(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, patch_size=16,
                             image_size=224, out_features=["stage12"])
@@ -154,6 +170,7 @@ MODEL_BUILDERS = {
     "senatra-nano-none": senatra_builder("nano", "none"),
     "senatra-universal": senatra_universal,
     "segformer-b0": segformer_b0,
+    "eomt-vit-s": eomt_vit_s,
     "segmenter-linear": segmenter_linear,
 }
 
@@ -245,11 +262,43 @@ def class_mask_targets(labels: torch.Tensor, ignore_index: int = 255) -> dict:
     return {"mask_labels": mask_labels, "class_labels": class_labels}
 
 
+def square_input_side(model) -> int | None:
+    """The side of the one square input size a model takes (Transformers' EoMT, whose learned position embeddings
+    and attention-mask grid are fixed by `image_size`), or None for models that take any multiple of their stride."""
+    config = getattr(model, "config", None)
+    return config.image_size if isinstance(config, EomtConfig) else None
+
+
+def pad_to_square(batch: dict, side: int) -> dict:
+    """A training batch padded at the bottom and right to side x side: zero pixels (the mean colour once
+    normalised), unlabelled (255) labels."""
+    height, width = batch["pixel_values"].shape[-2:]
+    if height > side or width > side:
+        raise ValueError(f"crops of {height}x{width} do not fit the model's {side}x{side} input")
+    pad = (0, side - width, 0, side - height)
+    return {"pixel_values": F.pad(batch["pixel_values"], pad), "labels": F.pad(batch["labels"], pad, value=255)}
+
+
 def model_inputs(model, batch: dict) -> dict:
-    """The batch as the model takes it: label maps for semantic models, class masks for query models."""
+    """The batch as the model takes it: label maps for semantic models, class masks for query models, padded to
+    the square a fixed-size model takes."""
+    side = square_input_side(model)
+    if side is not None:
+        batch = pad_to_square(batch, side)
     if hasattr(model, "attn_mask_probs"):
         return {"pixel_values": batch["pixel_values"], **class_mask_targets(batch["labels"])}
     return batch
+
+
+def predict(model, pixels: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class scores (`semantic_logits`) of evaluation pixels; a fixed-size model sees them through square
+    windows of its input size (the last flush with the edge; sides shorter than the window zero-padded), its
+    scores averaged where windows overlap."""
+    side = square_input_side(model)
+    if side is None:
+        return semantic_logits(model(pixel_values=pixels))
+    windows = SeNaTraImageProcessor(size_divisor=model.config.patch_size)
+    return windows.sliding_window_inference(model, pixels, side).logits
 
 
 def eval_inputs(image: Image.Image, short_side: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -269,7 +318,7 @@ def evaluate_semantic(model, samples: list[dict], num_labels: int, short_side: i
     metric = MeanIoU(num_labels=num_labels, ignore_index=255)
     for sample in samples:
         pixels, (height, width) = eval_inputs(sample["image"], short_side)
-        logits = semantic_logits(model(pixel_values=pixels))
+        logits = predict(model, pixels)
         # Keep the part of the logits that covers the image (not the padding), then resize to the label.
         scale_h, scale_w = logits.shape[-2] / pixels.shape[-2], logits.shape[-1] / pixels.shape[-1]
         logits = logits[..., : math.ceil(height * scale_h), : math.ceil(width * scale_w)]
@@ -282,14 +331,15 @@ def evaluate_semantic(model, samples: list[dict], num_labels: int, short_side: i
 
 
 def gflops(model, short_side: int, image_size: tuple[int, int]) -> float:
-    """Forward GFLOPs (multiply-add = 2 FLOPs) of one evaluation-size image, counted by torch's FlopCounterMode."""
+    """Forward GFLOPs (multiply-add = 2 FLOPs) of predicting one evaluation-size image (every window of a fixed-size
+    model), counted by torch's FlopCounterMode."""
     height, width = image_size
     factor = short_side / min(height, width)
     size = [math.ceil(round(s * factor) / INPUT_DIVISOR) * INPUT_DIVISOR for s in (height, width)]
     model.eval()
     # With gradients on: FlopCounterMode's module hooks fail under no_grad on modules fed a parameter (queries).
     with FlopCounterMode(display=False) as counter:
-        model(pixel_values=torch.zeros(1, 3, *size))
+        predict(model, torch.zeros(1, 3, *size))
     model.train()
     return counter.get_total_flops() / 1e9
 
@@ -382,7 +432,7 @@ def train_and_evaluate(spec: RunSpec, dataset: str | Path, results: Path, comman
     id2label = load_id2label(dataset)
     train_samples, val_samples = load_samples(dataset, "train"), load_samples(dataset, "validation")
     torch.manual_seed(spec.seed)
-    model = MODEL_BUILDERS[spec.model](len(id2label), spec.overrides)
+    model = MODEL_BUILDERS[spec.model](len(id2label), spec.overrides, recipe)
     model.train()
     optimizer, scheduler = make_optimizer(model, recipe)
     average = WeightAverage(model, recipe.weight_average) if recipe.weight_average else None
@@ -443,7 +493,7 @@ def time_models(models: list[str], recipe_name: str, dataset: str | Path, steps:
     for name in models:
         torch.manual_seed(seed)
         model_name, overrides = parse_run_name(name)
-        model = MODEL_BUILDERS[model_name](num_labels, overrides).train()
+        model = MODEL_BUILDERS[model_name](num_labels, overrides, recipe).train()
         runs[name] = (model, *make_optimizer(model, recipe))
     times = {name: [] for name in models}
     for step in range(steps + 1):
