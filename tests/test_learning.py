@@ -137,6 +137,7 @@ def test_a_fixed_size_model_predicts_every_pixel_through_windows():
     torch.manual_seed(0)
     model = MODEL_BUILDERS["eomt-vit-s"](11, {}, RECIPES["smoke"]).eval()
     assert square_input_side(model) == 96
+    assert type(model.criterion.matcher).__name__ == "SeNaTraHungarianMatcher"  # trained as scripts/train.py does
     assert square_input_side(MODEL_BUILDERS["senatra"](11, {}, RECIPES["smoke"])) is None
     window = torch.randn(1, 3, 96, 96)
     with torch.no_grad():

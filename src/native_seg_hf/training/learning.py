@@ -49,6 +49,7 @@ from ..models.modeling_senatra import (
     SeNaTraForSemanticSegmentation, SeNaTraForUniversalSegmentation, semantic_cross_entropy,
 )
 from .data import Augmentation, SampleDecoder, class_weights, load_id2label, load_split
+from .loop import with_our_loss_rules
 from .mask_annealing import set_mask_annealing
 from .optim import WeightAverage, create_optimizer, create_scheduler
 
@@ -148,11 +149,12 @@ def segformer_b0(num_labels: int, overrides: dict, recipe: Recipe) -> torch.nn.M
 
 def eomt_vit_s(num_labels: int, overrides: dict, recipe: Recipe) -> torch.nn.Module:
     # EoMT's ViT-S (384 wide, 12 blocks, 6 heads, patch 16, 4 register tokens), queries in the last 4 blocks, 100
-    # queries as for semantic segmentation. Its position embeddings are learned for one square size, so it takes
-    # the recipe's longer crop side: crops are padded to that square, evaluation runs square windows (`predict`).
+    # queries as for semantic segmentation, with the loss fixes scripts/train.py gives it. Its position embeddings
+    # are learned for one square size, so it takes the recipe's longer crop side: crops are padded to that square,
+    # evaluation runs square windows (`predict`).
     config = EomtConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=16,
                         image_size=max(recipe.crop), num_queries=100, num_blocks=4, num_labels=num_labels, **overrides)
-    return EomtForUniversalSegmentation(config)
+    return with_our_loss_rules(EomtForUniversalSegmentation(config))
 
 
 def segmenter_linear(num_labels: int, overrides: dict, recipe: Recipe) -> torch.nn.Module:
