@@ -307,6 +307,7 @@ def test_native_segments_benchmark_scores_every_level(tmp_path, monkeypatch):
 def test_the_stride16_preset_labels_tokens_at_stride_16():
     model = ns.SeNaTraForSemanticSegmentation(ns.SeNaTraConfig.from_preset("nano-s16", num_labels=11))
     assert model.config.input_size_divisor == 16 and model.config.grouping_types == ["local", "local"]
+    assert model.config.grouping_iterations == 1
     out = model.senatra(torch.randn(1, 3, 64, 96))
     assert out.last_hidden_state.shape[-2:] == (4, 6)
     logits = model(pixel_values=torch.randn(1, 3, 64, 96)).logits
