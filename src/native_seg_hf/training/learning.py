@@ -9,9 +9,9 @@ evaluation size, step time, the command, the commit and the hardware. `scripts/b
 command line; `--render` writes the README's table from those files only.
 
 Models (`MODEL_BUILDERS`): `senatra` (the native SeNaTra the main job trains: the `nano-s16` preset, final tokens at
-stride 16, grouping local/local with one iteration, native semantic head), `senatra-none` (the same with strided-conv downsampling, the
-paper's ablation), `senatra-nano` and `senatra-nano-none` (the `nano` preset, final tokens at stride 32, grouping
-local/local/dense, with and without grouping), `senatra-universal` (SeNaTra-Nano
+stride 16, grouping local/local with one iteration, native semantic head), `senatra-none` (the same with
+strided-conv downsampling, the paper's ablation), `senatra-nano` and `senatra-nano-none` (the `nano` preset, final
+tokens at stride 32, grouping local/local/dense, with and without grouping), `senatra-universal` (SeNaTra-Nano
 with EoMT-style queries, trained on one mask per class present with Mask2Former's loss and mask annealing over
 the schedule, scored through the semantic post-processing `sum_q p(c|q) sigmoid(mask_q)`), `segformer-b0`
 (Transformers' `SegformerForSemanticSegmentation`, B0 size), `eomt-vit-s` (Transformers' `EomtForUniversalSegmentation`
