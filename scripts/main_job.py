@@ -7,8 +7,8 @@
    that run only shows the pipeline working, its mIoU means nothing.
 2. SeNaTra `nano-s16` (1.4M parameters: Nano's first three stages, two local grouping layers of one iteration
    each, so the native head labels tokens at stride 16; on the mean over seeds it out-learned Nano, its own ablation
-   and SegFormer-B0 on this recipe, README "Does grouping earn its place?") trains from scratch on streamed, augmented 128x160 crops of the half-size images
-   (batch 8, AdamW lr 4e-4, warm-up then polynomial decay; the loss weighs each class by ENet's 1/ln(1.02 + its
+   and SegFormer-B0 on this recipe, README "Does grouping earn its place?") trains from scratch on streamed,
+   augmented 128x160 crops of the half-size images (batch 8, AdamW lr 4e-4, warm-up then polynomial decay; the loss weighs each class by ENet's 1/ln(1.02 + its
    share of the training pixels), which lifted both SeNaTra and its ablation by 5 points on the learning benchmark),
    with a progress bar showing loss and throughput.
    Training stops after --train_minutes of wall time: after every step the number of steps is re-planned from the
