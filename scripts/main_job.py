@@ -5,12 +5,12 @@
 1. CamVid from ../shared/data/camvid becomes a `datasets` folder (Parquet shards) in ~/.cache/native_seg_hf/data,
    once. Without ../shared/data it uses the one CamVid image bundled in tests/fixtures as both splits, and says so:
    that run only shows the pipeline working, its mIoU means nothing.
-2. SeNaTra `nano-s16` (1.4M parameters: Nano's first three stages, two local grouping layers of one iteration
-   each, so the native head labels tokens at stride 16; on the mean over seeds it out-learned Nano, its own ablation
-   and SegFormer-B0 on this recipe, README "Does grouping earn its place?") trains from scratch on streamed,
-   augmented 128x160 crops of the half-size images (batch 8, AdamW lr 4e-4, warm-up then polynomial decay; the loss weighs each class by ENet's 1/ln(1.02 + its
-   share of the training pixels), which lifted both SeNaTra and its ablation by 5 points on the learning benchmark),
-   with a progress bar showing loss and throughput.
+2. SeNaTra `nano-s16` (1.4M parameters: Nano's first three stages, two local grouping layers of one iteration each,
+   so the native head labels tokens at stride 16; on the mean over seeds it out-learned Nano, its own ablation and
+   SegFormer-B0 on this recipe, README "Does grouping earn its place?") trains from scratch on streamed, augmented
+   128x160 crops of the half-size images (batch 8, AdamW lr 4e-4, warm-up then polynomial decay; the loss weighs
+   each class by ENet's 1/ln(1.02 + its share of the training pixels), which lifted both SeNaTra and its ablation by
+   5 points on the learning benchmark), with a progress bar showing loss and throughput.
    Training stops after --train_minutes of wall time: after every step the number of steps is re-planned from the
    pace of the run so far (every pause counted, such as the end of each pass over the stream; the CPU may be shared
    and its load may change), and the lr decays to the end of that plan (optim.RunLength). --max_steps N trains a
