@@ -27,7 +27,10 @@ from native_seg_hf.models import grouping
 from native_seg_hf.models import modeling_senatra
 from native_seg_hf.models.modeling_senatra import SeNaTraGroupingLayer, SeNaTraHungarianMatcher, global_num_masks
 from native_seg_hf.training.data import load_split
-from native_seg_hf.training.loop import TrainArguments, build_model, checkpoint_folders, latest_checkpoint, train
+from native_seg_hf.training import loop
+from native_seg_hf.training.loop import (
+    TrainArguments, build_model, checkpoint_folders, latest_checkpoint, save_checkpoint, train,
+)
 from native_seg_hf.training.optim import lr_factor
 from native_seg_hf.training.prepare import CAMVID_CLASSES, png_bytes, prepare_camvid_files, write_dataset
 from native_seg_hf.training.trainer import trainer_transform
@@ -162,6 +165,47 @@ def test_latest_skips_incomplete_checkpoints(tmp_path):
     (checkpoints / ".tmp_step_5").mkdir()  # a save in progress is not a checkpoint
     assert [f.name for f in checkpoint_folders(tmp_path)] == ["step_2", "step_3", "step_4"]
     assert latest_checkpoint(tmp_path) == checkpoints / "step_2"
+
+
+class OneProcess:
+    """The part of an Accelerator that `save_checkpoint` uses, for one process writing a token file."""
+
+    is_main_process, process_index, num_processes = True, 0, 1
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_text("weights")
+
+
+class NoStream:
+    def state_dict(self):
+        return {}
+
+
+def test_a_kill_while_pruning_a_checkpoint_leaves_none_half_deleted(tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        save_checkpoint(OneProcess(), NoStream(), tmp_path, step, limit=2)
+    assert [f.name for f in checkpoint_folders(tmp_path)] == ["step_2", "step_3"]
+
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):  # deletes the state file first, then the process dies
+        if "step_2" in str(path):
+            (Path(path) / "trainer_state.json").unlink()
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(loop.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(OneProcess(), NoStream(), tmp_path, 4, limit=2)
+    assert [f.name for f in checkpoint_folders(tmp_path)] == ["step_3", "step_4"]  # no half-deleted step_2
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_4"
+    monkeypatch.setattr(loop.shutil, "rmtree", real_rmtree)
+    save_checkpoint(OneProcess(), NoStream(), tmp_path, 5, limit=2)
+    assert sorted(f.name for f in (tmp_path / "checkpoints").iterdir()) == ["step_4", "step_5"]  # leftover cleared
 
 
 # ---- fine-tuning from a saved SeNaTra model ----

@@ -357,11 +357,14 @@ def save_checkpoint(accelerator: Accelerator, stream: TrainStream, output_dir: P
     Every process writes into a temporary folder `.tmp_step_<step>`; once all have, the main process adds
     `trainer_state.json` and renames the folder to `step_<step>` in one step. A kill at any moment leaves either
     the previous checkpoints untouched or the new one complete (a leftover temporary folder is never read, and is
-    cleared by the next save of that step)."""
+    cleared by the next save of that step). Checkpoints past the limit are renamed `.old_step_<N>` before they are
+    deleted, so a kill in the middle of a deletion leaves no half-deleted `step_<N>`, which would look incomplete
+    and never be pruned; leftover `.old_` folders are cleared by the next save."""
     checkpoints = output_dir / "checkpoints"
     folder, temporary = checkpoints / f"step_{step}", checkpoints / f".tmp_step_{step}"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
+    if accelerator.is_main_process:
+        for leftover in [temporary, *checkpoints.glob(".old_step_*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
     (temporary / f"stream_{accelerator.process_index}.json").write_text(json.dumps(stream.state_dict()))
@@ -378,7 +381,9 @@ def save_checkpoint(accelerator: Accelerator, stream: TrainStream, output_dir: P
         shutil.rmtree(replaced, ignore_errors=True)
         complete = [f for f in checkpoint_folders(output_dir) if checkpoint_state(f) is not None]
         for stale in complete[:-limit] if limit else []:
-            shutil.rmtree(stale)
+            trash = checkpoints / f".old_{stale.name}"
+            stale.rename(trash)
+            shutil.rmtree(trash)
     accelerator.wait_for_everyone()
     return folder
 
