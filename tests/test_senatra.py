@@ -100,6 +100,27 @@ def test_none_grouping_equals_strided_conv_downsampling():
     assert not any(n.startswith(("key", "query", "value", "mlp")) for n, _ in layer.named_parameters())
 
 
+@pytest.mark.parametrize("kind", ["local", "dense"])
+def test_zero_init_residual_starts_grouping_as_strided_downsampling_and_then_learns(kind):
+    def build(**kwargs):
+        torch.manual_seed(4)
+        return ns.SeNaTraForSemanticSegmentation(tiny_config(grouping_types=[kind] * 3, num_labels=3,
+                                                             drop_path_rate=0.0, **kwargs))
+
+    plain, zeroed = build(), build(grouping_zero_init_residual=True)
+    changed = {k for k, v in zeroed.state_dict().items() if not torch.equal(v, plain.state_dict()[k])}
+    # Only the value projections and MLP outputs differ (zeros): every other weight is the same draw.
+    assert changed == {f"senatra.encoder.stages.{i}.grouping.{name}.weight" for i in (1, 2, 3)
+                       for name in ("value", "mlp.fc2")}
+    layer = zeroed.senatra.encoder.stages[1].grouping
+    x = torch.randn(2, 8, 12, layer.init_conv.in_channels)
+    expected = layer.init_norm(layer.init_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    torch.testing.assert_close(layer(x)[0], expected, rtol=0, atol=0)
+    # The zeroed weights get gradients, so the layer grows out of plain downsampling.
+    zeroed(torch.randn(2, 3, 64, 96), labels=torch.randint(0, 3, (2, 64, 96))).loss.backward()
+    assert layer.value.weight.grad.abs().sum() > 0 and layer.mlp.fc2.weight.grad.abs().sum() > 0
+
+
 def test_local_and_dense_bias_share_the_offset_convention():
     torch.manual_seed(4)
     local = SeNaTraGroupingLayer(tiny_config(), 16, 32, "local")

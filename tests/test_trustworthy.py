@@ -294,7 +294,7 @@ def test_every_model_builds_on_the_meta_device(build):
         ("semantic_loss_ignore_index", 2.5), ("num_queries", 0), ("num_blocks", 0), ("class_weight", -1.0),
         ("mask_weight", "5"), ("dice_weight", float("inf")), ("no_object_weight", -0.1), ("train_num_points", 0),
         ("oversample_ratio", 0.5), ("importance_sample_ratio", 1.5), ("grouping_logit_scale", 0.0),
-        ("grouping_parent_bias", float("nan")), ("semantic_loss_weights", "enet"),
+        ("grouping_parent_bias", float("nan")), ("grouping_zero_init_residual", 1), ("semantic_loss_weights", "enet"),
         ("semantic_loss_weights", [1.0, -2.0]), ("semantic_loss_weights", [1.0, float("nan")]),
         ("semantic_loss_weights", []),
     ],

@@ -96,6 +96,10 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
             similarity of queries and keys times a learnable per-layer scale initialised to this value (the
             inverse temperature). `None` uses the scaled dot product `q.k / sqrt(d)` instead, whose logits start
             near 0 and grow only as fast as the projection weights do.
+        grouping_zero_init_residual (`bool`, defaults to `False`): start each grouping layer's value projection and
+            the output layer of its MLP at zero, so that a new layer computes exactly the strided downsampling of
+            the ablation (its convolution and LayerNorm) and what it adds grows from there, as torchvision's
+            `zero_init_residual` starts a ResNet's residual branches. The other weights are drawn as without it.
         drop_path_rate (`float`, defaults to 0.2): stochastic depth rate, increased linearly over the blocks.
         layer_scale_init_value (`float`, defaults to 0.0): initial layer-scale; 0 disables layer scale.
         hidden_act (`str`, defaults to `"gelu"`): activation of the MLPs.
@@ -138,6 +142,7 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         grouping_bias_radius=16,
         grouping_parent_bias=5.0,
         grouping_logit_scale=10.0,
+        grouping_zero_init_residual=False,
         drop_path_rate=0.2,
         layer_scale_init_value=0.0,
         hidden_act="gelu",
@@ -175,6 +180,7 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         self.grouping_bias_radius = grouping_bias_radius
         self.grouping_parent_bias = grouping_parent_bias
         self.grouping_logit_scale = grouping_logit_scale
+        self.grouping_zero_init_residual = grouping_zero_init_residual
         self.drop_path_rate = drop_path_rate
         self.layer_scale_init_value = layer_scale_init_value
         self.hidden_act = hidden_act
@@ -257,6 +263,8 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         check_number("grouping_parent_bias", self.grouping_parent_bias, -math.inf)
         if self.grouping_logit_scale is not None:
             check_number("grouping_logit_scale", self.grouping_logit_scale, 0, low_inclusive=False)
+        if not isinstance(self.grouping_zero_init_residual, bool):
+            raise ValueError(f"grouping_zero_init_residual must be True or False, got {self.grouping_zero_init_residual!r}")
 
 
 __all__ = ["SeNaTraConfig", "SENATRA_PRESETS"]

@@ -438,6 +438,11 @@ class SeNaTraPreTrainedModel(PreTrainedModel):
             init.copy_(module.relative_bias, module.parent_bias_init(self.config.grouping_parent_bias))
             if module.cosine:
                 init.constant_(module.log_logit_scale, math.log(self.config.grouping_logit_scale))
+            if self.config.grouping_zero_init_residual:
+                # Applied after the layer's own Linear children were drawn (modules are initialised children
+                # first), so every other weight is the same draw as without the option.
+                init.zeros_(module.value.weight)
+                init.zeros_(module.mlp.fc2.weight)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=1.0)  # EoMT's query initialisation
         elif isinstance(module, Mask2FormerLoss):
