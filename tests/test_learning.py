@@ -24,7 +24,7 @@ from native_seg_hf.training.learning import (
     MODEL_BUILDERS, RECIPES, BatchSource, RunSpec, class_mask_targets, evaluate_semantic, load_samples, make_optimizer,
     pad_to_square, parse_run_name, predict, run_name, square_input_side, train_and_evaluate, train_step,
 )
-from native_seg_hf.training.learning_report import BEGIN, END, learning_table, render_readme_table
+from native_seg_hf.training.learning_report import BEGIN, END, learning_table, paired_table, render_readme_table
 from segmentation_datasets import camvid_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,6 +241,23 @@ def test_script_skips_measured_runs_and_renders_the_table(camvid, tmp_path, monk
     text = readme.read_text()
     assert "old" not in text and "`senatra-none`" in text and text.startswith("intro") and text.endswith("outro\n")
     assert learning_table([json.loads(path.read_text())]).count("| `senatra-none` | 0 |") == 1
+
+
+def test_paired_table_differences_each_model_from_its_ablation_at_the_same_seed():
+    def run(model, seed, curve, recipe="r"):
+        return {"model": model, "recipe": recipe, "seed": seed, "val_miou_by_step": curve}
+
+    runs = [run("senatra", 0, {"250": 30.0, "500": 40.0}), run("senatra-none", 0, {"250": 31.0, "500": 35.0}),
+            run("senatra", 1, {"250": 20.0, "500": 36.0}), run("senatra-none", 1, {"250": 18.0, "500": 37.0}),
+            run("senatra", 2, {"250": 25.0}),  # no ablation at seed 2: left out of the pairs
+            run("senatra-none", 3, {"250": 50.0, "500": 50.0}),  # nor an ablation without its model
+            run("senatra[grouping_iterations=2]", 0, {"250": 1.0, "500": 1.0}),  # a variant has no "-none"
+            run("senatra-nano", 0, {"250": 10.0}), run("segformer-b0", 0, {"250": 10.0, "500": 10.0})]
+    table = paired_table(runs)
+    assert "- `senatra` - `senatra-none`, seeds 0,1: @250 +0.5 (-1.0 to +2.0), @500 +2.0 (-1.0 to +5.0); " \
+           "ahead at 1 of 2 seeds @500" in table
+    assert "grouping_iterations" not in table and "nano" not in table and "segformer" not in table
+    assert paired_table([run("senatra", 0, {"250": 1.0})]) == ""
 
 
 def test_diagnosis_measures_a_model(camvid):

@@ -1,7 +1,9 @@
 """The README's learning-results table, rendered from the run records under results/learning/ only.
 
 Runs are grouped by (recipe, model); each cell is the mean over seeds at that step, with the spread (min-max) when
-there are several seeds. Step times come only from the timing records (`timing/*.json`, the models' steps
+there are several seeds. A second table pairs each model with its own ablation (`X` with `X-none`) seed by seed: at
+a given seed both saw the same batches in the same order, so the difference of the pair is the effect of grouping
+on that draw, and its sign over the seeds says more than whether the two models' ranges overlap. Step times come only from the timing records (`timing/*.json`, the models' steps
 alternated in one process): times of separate runs on a shared machine are not comparable. The tables replace what
 lies between the README's two marker lines.
 """
@@ -45,6 +47,38 @@ def learning_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def signed_cell(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    return f"{mean:+.1f}" if len(values) == 1 else f"{mean:+.1f} ({min(values):+.1f} to {max(values):+.1f})"
+
+
+def paired_table(runs: list[dict]) -> str:
+    """Per recipe, model minus its ablation (`X` - `X-none`) at the same seed: mean (min-max) over the seeds both
+    ran, at each step both evaluated, and how many of those seeds the model leads at the last of those steps."""
+    lines = []
+    for recipe in sorted({run["recipe"] for run in runs}):
+        by_model = {}
+        for run in runs:
+            if run["recipe"] == recipe:
+                by_model.setdefault(run["model"], {})[run["seed"]] = run["val_miou_by_step"]
+        pairs = [(m, f"{m}-none") for m in sorted(by_model) if f"{m}-none" in by_model]
+        rows = []
+        for model, ablation in pairs:
+            seeds = sorted(set(by_model[model]) & set(by_model[ablation]))
+            curves = [(by_model[model][seed], by_model[ablation][seed]) for seed in seeds]
+            steps = sorted(set.intersection(*(set(a) & set(b) for a, b in curves)), key=int) if curves else []
+            if not steps:
+                continue
+            diffs = {s: [a[s] - b[s] for a, b in curves] for s in steps}
+            cells = [f"@{s} {signed_cell(d)}" for s, d in diffs.items()]
+            ahead = sum(d > 0 for d in diffs[steps[-1]])
+            rows.append(f"- `{model}` - `{ablation}`, seeds {','.join(map(str, seeds))}: " + ", ".join(cells)
+                        + f"; ahead at {ahead} of {len(seeds)} seeds @{steps[-1]}")
+        if rows:
+            lines += [f"**{recipe}**, paired by seed (mIoU points, mean (min to max) over seeds):", "", *rows, ""]
+    return "\n".join(lines)
+
+
 def timing_table(records: list[dict]) -> str:
     """Seconds per training step from each timing record, with each model's ratio to the first one listed."""
     lines = []
@@ -64,5 +98,7 @@ def render_readme_table(results: Path, readme: Path) -> None:
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     timings = load_runs(results / "timing") if (results / "timing").is_dir() else []
-    table = learning_table(load_runs(results)) + "\nStep time (training step, batch and crop of the recipe):\n\n" + timing_table(timings)
+    runs = load_runs(results)
+    table = (learning_table(runs) + "\nGrouping against its own ablation at the same seed:\n\n" + paired_table(runs)
+             + "\nStep time (training step, batch and crop of the recipe):\n\n" + timing_table(timings))
     readme.write_text(head + BEGIN + "\n" + table + END + tail)
