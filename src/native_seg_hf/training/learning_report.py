@@ -1,11 +1,11 @@
 """The README's learning-results table, rendered from the run records under results/learning/ only.
 
 Runs are grouped by (recipe, model); each cell is the mean over seeds at that step, with the spread (min-max) when
-there are several seeds. A second table pairs each model with its own ablation (`X` with `X-none`) seed by seed: at
+there are several seeds. A second list pairs each model with its own ablation (`X` with `X-none`) seed by seed: at
 a given seed both saw the same batches in the same order, so the difference of the pair is the effect of grouping
-on that draw, and its sign over the seeds says more than whether the two models' ranges overlap. Step times come only from the timing records (`timing/*.json`, the models' steps
-alternated in one process): times of separate runs on a shared machine are not comparable. The tables replace what
-lies between the README's two marker lines.
+on that draw, and its sign over the seeds says more than whether the two models' ranges overlap. Step times come
+only from the timing records (`timing/*.json`, the models' steps alternated in one process): times of separate
+runs on a shared machine are not comparable. The tables replace what lies between the README's two marker lines.
 """
 
 import json
