@@ -264,7 +264,9 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         if self.grouping_logit_scale is not None:
             check_number("grouping_logit_scale", self.grouping_logit_scale, 0, low_inclusive=False)
         if not isinstance(self.grouping_zero_init_residual, bool):
-            raise ValueError(f"grouping_zero_init_residual must be True or False, got {self.grouping_zero_init_residual!r}")
+            raise ValueError(
+                f"grouping_zero_init_residual must be True or False, got {self.grouping_zero_init_residual!r}"
+            )
 
 
 __all__ = ["SeNaTraConfig", "SENATRA_PRESETS"]

@@ -216,7 +216,7 @@ def parse_run_name(name: str) -> tuple[str, dict]:
 def load_samples(dataset: str | Path, split: str) -> list[dict]:
     """Every readable sample of a split as {"id", "image" (PIL RGB), "label" (H, W) uint8}, in the split's order.
 
-    Streams the folder (no `datasets` cache is written)."""
+    Streams the folder: `datasets` caches none of its data (it leaves only an empty lock file in its cache folder)."""
     decoder = SampleDecoder(id_column="id")
     samples = [decoder(record) for record in load_split(dataset, split, ["image", "label"], streaming=True)]
     samples = [sample for sample in samples if sample is not None]

@@ -20,11 +20,13 @@ def load_runs(results: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(results.glob("*.json"))]
 
 
-def cell(values: list[float]) -> str:
+def cell(values: list[float], signed: bool = False) -> str:
+    """Mean over seeds, with min-max when there are several; `signed` for differences (+/-, "to" between them)."""
     if not values:
         return ""
+    form, between = ("+.1f", " to ") if signed else (".1f", "-")
     mean = statistics.mean(values)
-    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
+    return f"{mean:{form}}" if len(values) == 1 else f"{mean:{form}} ({min(values):{form}}{between}{max(values):{form}})"
 
 
 def learning_table(runs: list[dict]) -> str:
@@ -47,11 +49,6 @@ def learning_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def signed_cell(values: list[float]) -> str:
-    mean = statistics.mean(values)
-    return f"{mean:+.1f}" if len(values) == 1 else f"{mean:+.1f} ({min(values):+.1f} to {max(values):+.1f})"
-
-
 def paired_table(runs: list[dict]) -> str:
     """Per recipe, model minus its ablation (`X` - `X-none`) at the same seed: mean (min-max) over the seeds both
     ran, at each step both evaluated, and how many of those seeds the model leads at the last of those steps."""
@@ -70,7 +67,7 @@ def paired_table(runs: list[dict]) -> str:
             if not steps:
                 continue
             diffs = {s: [a[s] - b[s] for a, b in curves] for s in steps}
-            cells = [f"@{s} {signed_cell(d)}" for s, d in diffs.items()]
+            cells = [f"@{s} {cell(d, signed=True)}" for s, d in diffs.items()]
             ahead = sum(d > 0 for d in diffs[steps[-1]])
             rows.append(f"- `{model}` - `{ablation}`, seeds {','.join(map(str, seeds))}: " + ", ".join(cells)
                         + f"; ahead at {ahead} of {len(seeds)} seeds @{steps[-1]}")
