@@ -19,6 +19,9 @@ os.environ["HF_HOME"] = str(SESSION_CACHE / "hf_home")
 os.environ["HF_HUB_CACHE"] = str(SESSION_CACHE / "hf_home" / "hub")
 os.environ["HF_DATASETS_CACHE"] = str(SESSION_CACHE / "hf_datasets")
 os.environ["HF_MODULES_CACHE"] = str(SESSION_CACHE / "hf_home" / "modules")
+# Other libraries' caches too: ONNX Runtime keeps a device id and a database in $XDG_CACHE_HOME (default ~/.cache)
+# under Microsoft/DeveloperTools whenever a session is created.
+os.environ["XDG_CACHE_HOME"] = str(SESSION_CACHE / "xdg_cache")
 
 
 def pytest_unconfigure(config):

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import datasets
@@ -74,6 +75,33 @@ def test_the_test_session_uses_its_own_caches():
     for path in (datasets.config.HF_DATASETS_CACHE, huggingface_hub.constants.HF_HUB_CACHE,
                  transformers.utils.hub.HF_MODULES_CACHE):
         assert Path(path).is_relative_to(SESSION_CACHE) and not Path(path).is_relative_to(user_cache), path
+
+
+def test_onnx_runtime_writes_nothing_into_the_users_cache():
+    """ONNX Runtime writes a device id and a database under $XDG_CACHE_HOME/Microsoft/DeveloperTools (by the time
+    its process ends); conftest.py points XDG_CACHE_HOME at the session's folder, so ~/.cache/Microsoft stays as it
+    was. The session runs in a child process with the test run's environment, so that its writes have landed."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+
+    def listing(folder: Path) -> dict:
+        return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
+
+    user_folder = Path.home() / ".cache" / "Microsoft"
+    before = listing(user_folder)
+    script = textwrap.dedent(
+        """
+        import numpy as np, onnxruntime
+        from onnx import TensorProto, helper
+        x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in "xy")
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert session.run(None, {"x": np.array([-1.0], np.float32)})[0].tolist() == [0.0]
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, env=os.environ.copy())
+    assert listing(user_folder) == before
 
 
 def camvid_copies(folder: Path, count: int) -> Path:
