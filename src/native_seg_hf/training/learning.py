@@ -101,6 +101,9 @@ class Recipe:
 CAMVID_MAIN = Recipe(crop=(128, 160), base_short_side=180, scale_range=(0.5, 2.0), jitter=True, batch_size=8,
                      learning_rate=4e-4, weight_decay=0.05, warmup_steps=50, schedule_steps=2000, eval_short_side=180,
                      eval_every=250)
+CAMVID_FULL = Recipe(crop=(256, 352), base_short_side=None, scale_range=(0.5, 1.5), jitter=False, batch_size=8,
+                     learning_rate=6e-4, weight_decay=0.01, warmup_steps=100, schedule_steps=2000, eval_short_side=352,
+                     eval_every=250)
 RECIPES = {
     # The main job's recipe (scripts/main_job.py): 128x160 crops of half-size CamVid, scored at 480x360.
     "camvid-main": CAMVID_MAIN,
@@ -112,9 +115,9 @@ RECIPES = {
     # building) from one evaluation to the next, for every model.
     "camvid-main-balanced-ema": replace(CAMVID_MAIN, class_weighting="enet", weight_average=0.995),
     # SegFormer-B0's recipe from the issue: 256x352 crops of full-size CamVid, validation resized to 352x480.
-    "camvid-full": Recipe(crop=(256, 352), base_short_side=None, scale_range=(0.5, 1.5), jitter=False, batch_size=8,
-                          learning_rate=6e-4, weight_decay=0.01, warmup_steps=100, schedule_steps=2000,
-                          eval_short_side=352, eval_every=250),
+    "camvid-full": CAMVID_FULL,
+    # The same with the class-weighted loss of camvid-main-balanced.
+    "camvid-full-balanced": replace(CAMVID_FULL, class_weighting="enet"),
     # A few steps on whatever data is there (the bundled fixture in tests): checks the machinery, not learning.
     "smoke": Recipe(crop=(64, 96), base_short_side=96, scale_range=(0.8, 1.2), jitter=True, batch_size=2,
                     learning_rate=4e-4, weight_decay=0.05, warmup_steps=1, schedule_steps=4, eval_short_side=64,
