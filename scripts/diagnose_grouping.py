@@ -64,7 +64,7 @@ def main():
                                                               "grouping_logit_scale", "grouping_iterations")},
             "assignments_eval_size": assignment_statistics(model, eval_pixels),
             "assignments_train_size": assignment_statistics(model, train_batch["pixel_values"]),
-            "miou_bounds": label_bounds(model, val, recipe.eval_short_side, model.config.num_labels),
+            "label_bounds": label_bounds(model, val, recipe.eval_short_side, model.config.num_labels),
             "gradients": gradient_statistics(model.train(), train_batch),
             "grouping_scalars": grouping_scalars(model),
         }
@@ -77,7 +77,7 @@ def main():
                       f"{level['mean_entropy']:.2f}/{level['max_entropy']:.2f}, largest weight "
                       f"{level['mean_largest_weight']:.2f} (uniform {level['uniform_weight']:.2f}), groups used "
                       f"{min(used)}-{max(used)} of {level['groups_possible']}")
-        print("  mIoU:", ", ".join(f"{k} {v:.1f}" for k, v in entry["miou_bounds"].items()))
+        print("  mIoU:", ", ".join(f"{k} {v['mean_iou']:.1f}" for k, v in entry["label_bounds"].items()))
         for layer in entry["grouping_scalars"]:
             scale = layer["logit_scale"] and round(layer["logit_scale"], 2)  # None for scaled dot-product logits
             print(f"  stage {layer['stage']} {layer['kind']:5s} logit scale {scale}, parent bias "

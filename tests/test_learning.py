@@ -271,7 +271,14 @@ def test_diagnosis_measures_a_model(camvid):
         assert 0 <= level["mean_entropy"] <= level["max_entropy"] + 1e-6
         assert 1 <= min(level["groups_used_per_image"]) <= level["groups_possible"]
     bounds = label_bounds(model, samples, 64, 11)
-    assert set(bounds) >= {"oracle_native", "oracle_grid", "soft", "hard"} and all(0 <= v <= 100 for v in bounds.values())
+    assert set(bounds) >= {"oracle_native", "oracle_grid", "soft", "hard", "tokens"}
+    assert all(0 <= v["mean_iou"] <= 100 and len(v["per_class_iou"]) == 11 for v in bounds.values())
+    # Strided downsampling: its segments are the grid, and its one-hot assignments are their own hardening.
+    torch.manual_seed(0)
+    strided = ns.SeNaTraForSemanticSegmentation(
+        ns.SeNaTraConfig.from_preset("nano", num_labels=11, grouping_types=["none"] * 3))
+    bounds = label_bounds(strided, samples, 64, 11)
+    assert bounds["oracle_native"] == bounds["oracle_grid"] and bounds["soft"] == bounds["hard"]
     grads = gradient_statistics(model, batch)
     assert grads["grouping.query"]["grad_norm"] > 0 and grads["head"]["grad_norm"] > 0
     scalars = grouping_scalars(model)  # freshly initialised: exactly the configured starting values

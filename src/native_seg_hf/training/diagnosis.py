@@ -5,7 +5,8 @@
 - `label_bounds`: how the hierarchy bounds what the native head can label: the mIoU of an oracle that gives each
   final-level segment the majority ground-truth class of its pixels, next to the same oracle on the uniform grid
   of the same size (what strided downsampling allows), and the model's own mIoU with soft and with hardened
-  assignments, split into pixels near label boundaries and the rest.
+  assignments, split into pixels near label boundaries and the rest, and with its final tokens' logits resized
+  bilinearly instead (assignments ignored: what the tokens know, without the grouping's upsampling); per class too.
 - `gradient_statistics`: for one training batch, gradient and parameter norms of each parameter family
   (grouping keys/queries/values/biases/temperatures, blocks, head).
 - `grouping_scalars`: where each grouping layer's relative bias and inverse temperature ended up, against where
@@ -23,7 +24,7 @@ from scipy import ndimage
 
 from ..metrics import MeanIoU
 from ..models.grouping import LOCAL_KINDS, hard_segments, parent_assignment, upsample_through
-from .learning import eval_inputs
+from .learning import eval_inputs, percent_scores
 
 
 def entropy(assignment: torch.Tensor) -> torch.Tensor:
@@ -83,10 +84,11 @@ def resize_nearest(ids: torch.Tensor, size) -> np.ndarray:
 
 @torch.no_grad()
 def label_bounds(model, samples: list[dict], short_side: int, num_labels: int) -> dict:
-    """Oracle and model mIoU (percent) over `samples`, at the labels' size (module docstring)."""
+    """Oracle and model IoU (percent) over `samples`, at the labels' size (module docstring): for each way of
+    labelling, {"mean_iou", "per_class_iou"} (None for a class absent from labels and predictions)."""
     model.eval()
     kinds = model.config.grouping_types
-    metrics = {name: MeanIoU(num_labels) for name in ("oracle_native", "oracle_grid", "soft", "hard",
+    metrics = {name: MeanIoU(num_labels) for name in ("oracle_native", "oracle_grid", "soft", "hard", "tokens",
                                                       "soft_near_boundary", "soft_interior")}
     for sample in samples:
         label = sample["label"]
@@ -99,16 +101,21 @@ def label_bounds(model, samples: list[dict], short_side: int, num_labels: int) -
         for name, segments in (("oracle_native", native), ("oracle_grid", grid)):
             metrics[name].update(majority_labels(resize_nearest(segments, label.shape), label, num_labels), label)
         token_logits = model.head(outputs.last_hidden_state.permute(0, 2, 3, 1))
+        stride_4_logits = {
+            name: upsample_through(token_logits, assignments, kinds).permute(0, 3, 1, 2)
+            for name, assignments in (("soft", outputs.assignments), ("hard", hardened(outputs.assignments)))
+        }
+        stride_4_logits["tokens"] = F.interpolate(token_logits.permute(0, 3, 1, 2),
+                                                  size=stride_4_logits["soft"].shape[-2:], mode="bilinear")
         boundary = near_boundary(label)
-        for name, assignments in (("soft", outputs.assignments), ("hard", hardened(outputs.assignments))):
-            logits = crop(upsample_through(token_logits, assignments, kinds).permute(0, 3, 1, 2))
-            prediction = F.interpolate(logits, size=label.shape, mode="bilinear").argmax(1)[0].numpy()
+        for name, logits in stride_4_logits.items():
+            prediction = F.interpolate(crop(logits), size=label.shape, mode="bilinear").argmax(1)[0].numpy()
             metrics[name].update(prediction, label)
             if name == "soft":
                 metrics["soft_near_boundary"].update(prediction, np.where(boundary, label, 255))
                 metrics["soft_interior"].update(prediction, np.where(boundary, 255, label))
     model.train()
-    return {name: 100 * float(metric.compute()["mean_iou"]) for name, metric in metrics.items()}
+    return {name: percent_scores(metric) for name, metric in metrics.items()}
 
 
 FAMILIES = [

@@ -329,8 +329,13 @@ def evaluate_semantic(model, samples: list[dict], num_labels: int, short_side: i
         logits = logits[..., : math.ceil(height * scale_h), : math.ceil(width * scale_w)]
         logits = F.interpolate(logits, size=sample["label"].shape, mode="bilinear", align_corners=False)
         metric.update(logits.argmax(1)[0].numpy(), sample["label"])
-    result = metric.compute()
     model.train()
+    return percent_scores(metric)
+
+
+def percent_scores(metric: MeanIoU) -> dict:
+    """{"mean_iou", "per_class_iou"} in percent; None for a class absent from both labels and predictions."""
+    result = metric.compute()
     return {"mean_iou": 100 * float(result["mean_iou"]),
             "per_class_iou": [None if math.isnan(v) else 100 * float(v) for v in result["per_category_iou"]]}
 
