@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from native_seg_hf.models.grouping import (
     NEIGHBOUR_OFFSETS,
+    bilinear_assignment,
     dense_grouping_step_torch,
     downsample,
     gather_neighbours,
@@ -136,6 +137,18 @@ def test_parent_assignment_is_nearest_unpooling():
     coarse = torch.randn(2, 3, 4, 5)
     up = upsample(coarse, parent_assignment(2, 6, 8), "none")
     assert torch.equal(up, coarse.repeat_interleave(2, 1).repeat_interleave(2, 2))
+
+
+@pytest.mark.parametrize("height, width", [(6, 8), (2, 2), (10, 4), (4, 14)])
+def test_bilinear_assignment_is_bilinear_interpolation(height, width):
+    """`upsample` through it is F.interpolate's 2x bilinear (align_corners=False, edges replicated), its rows
+    are distributions, and its largest weight is the parent cell's (its hard segments are the grid)."""
+    coarse = torch.randn(2, height // 2, width // 2, 5, dtype=torch.float64)
+    assignment = bilinear_assignment(2, height, width, dtype=torch.float64)
+    expected = F.interpolate(coarse.permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample(coarse, assignment, "none"), expected.permute(0, 2, 3, 1))
+    torch.testing.assert_close(assignment.sum(-1), torch.ones(2, height, width, dtype=torch.float64))
+    assert torch.equal(assignment.argmax(-1), parent_assignment(2, height, width).argmax(-1))
 
 
 def test_composed_chain_is_row_stochastic_and_hard_segments_are_its_argmax():

@@ -121,6 +121,26 @@ def test_zero_init_residual_starts_grouping_as_strided_downsampling_and_then_lea
     assert layer.value.weight.grad.abs().sum() > 0 and layer.mlp.fc2.weight.grad.abs().sum() > 0
 
 
+def test_bilinear_uniform_upsampling_resizes_the_strided_models_token_logits_bilinearly():
+    """With `uniform_upsampling="bilinear"`, the native head of a model without grouping returns its final tokens'
+    logits resized by 2x bilinear steps down to stride 4; "nearest" (the default) repeats them."""
+    pixels = torch.randn(1, 3, 64, 96)
+    for mode in ("nearest", "bilinear"):
+        torch.manual_seed(4)
+        model = ns.SeNaTraForSemanticSegmentation(tiny_config(grouping_types=["none"] * 3, num_labels=3,
+                                                              uniform_upsampling=mode)).eval()
+        with torch.no_grad():
+            tokens = model.head(model.senatra(pixels).last_hidden_state.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            logits = model(pixels).logits
+        if mode == "nearest":
+            expected = tokens.repeat_interleave(8, 2).repeat_interleave(8, 3)
+        else:
+            expected = tokens
+            for _ in range(3):
+                expected = F.interpolate(expected, scale_factor=2, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(logits, expected)
+
+
 def test_local_and_dense_bias_share_the_offset_convention():
     torch.manual_seed(4)
     local = SeNaTraGroupingLayer(tiny_config(), 16, 32, "local")

@@ -324,7 +324,7 @@ def test_every_model_builds_on_the_meta_device(build):
         ("oversample_ratio", 0.5), ("importance_sample_ratio", 1.5), ("grouping_logit_scale", 0.0),
         ("grouping_parent_bias", float("nan")), ("grouping_zero_init_residual", 1), ("semantic_loss_weights", "enet"),
         ("semantic_loss_weights", [1.0, -2.0]), ("semantic_loss_weights", [1.0, float("nan")]),
-        ("semantic_loss_weights", []),
+        ("semantic_loss_weights", []), ("uniform_upsampling", "bicubic"),
     ],
 )
 def test_bad_config_fields_raise_a_value_error_naming_them(field, value):

@@ -29,6 +29,7 @@ SENATRA_PRESETS = {
 }
 
 GROUPING_TYPES = ("local", "dense", "none")
+UNIFORM_UPSAMPLING = ("nearest", "bilinear")  # the keys of grouping.UNIFORM_ASSIGNMENTS
 
 
 def int_list(name: str, value) -> list[int]:
@@ -100,6 +101,10 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
             the output layer of its MLP at zero, so that a new layer computes exactly the strided downsampling of
             the ablation (its convolution and LayerNorm) and what it adds grows from there, as torchvision's
             `zero_init_residual` starts a ResNet's residual branches. The other weights are drawn as without it.
+        uniform_upsampling (`str`, defaults to `"nearest"`): how values come back through a `"none"` transition
+            (the native head's logits, segment maps): `"nearest"`, every token takes its parent cell's (the
+            grouping layer with its refinement removed, as in the paper's ablation), or `"bilinear"`, 2x bilinear
+            interpolation, as decoders upsample the logits of strided backbones. Grouping transitions ignore it.
         drop_path_rate (`float`, defaults to 0.2): stochastic depth rate, increased linearly over the blocks.
         layer_scale_init_value (`float`, defaults to 0.0): initial layer-scale; 0 disables layer scale.
         hidden_act (`str`, defaults to `"gelu"`): activation of the MLPs.
@@ -143,6 +148,7 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         grouping_parent_bias=5.0,
         grouping_logit_scale=10.0,
         grouping_zero_init_residual=False,
+        uniform_upsampling="nearest",
         drop_path_rate=0.2,
         layer_scale_init_value=0.0,
         hidden_act="gelu",
@@ -181,6 +187,7 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
         self.grouping_parent_bias = grouping_parent_bias
         self.grouping_logit_scale = grouping_logit_scale
         self.grouping_zero_init_residual = grouping_zero_init_residual
+        self.uniform_upsampling = uniform_upsampling
         self.drop_path_rate = drop_path_rate
         self.layer_scale_init_value = layer_scale_init_value
         self.hidden_act = hidden_act
@@ -267,6 +274,8 @@ class SeNaTraConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 f"grouping_zero_init_residual must be True or False, got {self.grouping_zero_init_residual!r}"
             )
+        if self.uniform_upsampling not in UNIFORM_UPSAMPLING:
+            raise ValueError(f"uniform_upsampling must be one of {UNIFORM_UPSAMPLING}, got {self.uniform_upsampling!r}")
 
 
 __all__ = ["SeNaTraConfig", "SENATRA_PRESETS"]

@@ -7,8 +7,9 @@ Layout conventions (channels last everywhere):
   tokens around its parent cell, `NEIGHBOUR_OFFSETS` order ((-1, -1), (-1, 0), ... (1, 1)); neighbours
   outside the grid have weight 0. The dense N_in x N_out matrix is never built.
 - A **dense** assignment is (B, H, W, H/2 * W/2): weights over every output token (row-major).
-- A `"none"` transition (strided-conv downsampling) has the local assignment that puts each token in its
-  parent cell with weight 1, so it composes like the others (nearest-neighbour un-pooling).
+- A `"none"` transition (strided-conv downsampling) has a fixed local assignment, so it composes like the
+  others: each token in its parent cell with weight 1 (nearest-neighbour un-pooling), or the weights of 2x
+  bilinear interpolation over the 2x2 nearest cells (`SeNaTraConfig.uniform_upsampling`).
 Rows of every assignment sum to 1 (`A_ups`, "upsampling"); dividing by the column sums gives `A_down`.
 """
 
@@ -210,6 +211,26 @@ def parent_assignment(batch: int, height: int, width: int, device=None, dtype=No
     assignment = torch.zeros(batch, height, width, len(NEIGHBOUR_OFFSETS), device=device, dtype=dtype)
     assignment[..., CENTRE] = 1.0
     return assignment
+
+
+def bilinear_assignment(batch: int, height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """The local assignment whose `upsample` is 2x bilinear interpolation (`align_corners=False`, edges
+    replicated, as `F.interpolate`): on each axis a token takes 3/4 of its parent cell and 1/4 of the cell on its
+    own side (before the parent for an even index, after it for an odd one), or all of the parent at the edge."""
+
+    def axis_weights(size: int) -> torch.Tensor:  # (size, 3): weights of offsets -1, 0, +1
+        index = torch.arange(size, device=device)
+        side = torch.where(index % 2 == 0, 0, 2)  # column of the neighbouring cell on the token's side
+        inside = (index // 2 + side - 1 >= 0) & (index // 2 + side - 1 < size // 2)
+        parent = F.one_hot(torch.ones_like(index), 3)
+        return (0.75 * parent + 0.25 * F.one_hot(torch.where(inside, side, 1), 3)).to(dtype or torch.float32)
+
+    rows, cols = axis_weights(height), axis_weights(width)
+    assignment = (rows[:, None, :, None] * cols[None, :, None, :]).reshape(height, width, len(NEIGHBOUR_OFFSETS))
+    return assignment.expand(batch, -1, -1, -1)
+
+
+UNIFORM_ASSIGNMENTS = {"nearest": parent_assignment, "bilinear": bilinear_assignment}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -35,12 +35,12 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_senatra import SeNaTraConfig
 from .grouping import (
+    UNIFORM_ASSIGNMENTS,
     dense_bias_index,
     dense_grouping_step,
     hard_segments,
     local_grouping_step,
     local_relative_offsets,
-    parent_assignment,
     relative_bias_index,
     upsample_through,
 )
@@ -265,7 +265,8 @@ class SeNaTraGroupingLayer(nn.Module):
     """Spatial grouping layer: downsamples an (H, W) token grid to (H/2, W/2) by soft clustering.
 
     Output tokens are initialised by a 3x3 stride-2 convolution (+ LayerNorm; with `kind="none"` that is
-    all there is: NAT's downsampler, the paper's "uniform downsampling" ablation), then refined
+    all there is: NAT's downsampler, the paper's "uniform downsampling" ablation, whose fixed assignment is
+    nearest or bilinear un-pooling, `uniform_upsampling`), then refined
     `grouping_iterations` times:
         logits  = s cos(q(LN(X_out)), k(LN(X_in))) + relative position bias   (restricted for "local")
         A_ups   = softmax over output tokens, per input token
@@ -285,6 +286,7 @@ class SeNaTraGroupingLayer(nn.Module):
         self.init_conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
         self.init_norm = nn.LayerNorm(out_dim, eps=config.layer_norm_eps)
         if kind == "none":
+            self.uniform_assignment = UNIFORM_ASSIGNMENTS[config.uniform_upsampling]
             return
         self.input_norm = nn.LayerNorm(in_dim, eps=config.layer_norm_eps)
         self.key = nn.Linear(in_dim, out_dim)
@@ -331,7 +333,7 @@ class SeNaTraGroupingLayer(nn.Module):
         b, height, width, _ = hidden_states.shape
         out = self.init_norm(self.init_conv(hidden_states.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         if self.kind == "none":
-            return out, parent_assignment(b, height, width, out.device, out.dtype)
+            return out, self.uniform_assignment(b, height, width, out.device, out.dtype)
         tokens = self.input_norm(hidden_states)
         keys, values = self.project_keys(self.key(tokens)), self.value(tokens)
         bias = self.position_bias(height, width)
