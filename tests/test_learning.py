@@ -252,10 +252,13 @@ def test_paired_table_differences_each_model_from_its_ablation_at_the_same_seed(
             run("senatra", 2, {"250": 25.0}),  # no ablation at seed 2: left out of the pairs
             run("senatra-none", 3, {"250": 50.0, "500": 50.0}),  # nor an ablation without its model
             run("senatra[grouping_iterations=2]", 0, {"250": 1.0, "500": 1.0}),  # a variant has no "-none"
-            run("senatra-nano", 0, {"250": 10.0}), run("segformer-b0", 0, {"250": 10.0, "500": 10.0})]
+            run("senatra-nano", 0, {"250": 10.0}), run("segformer-b0", 0, {"250": 10.0, "500": 10.0}),
+            run('senatra-none[uniform_upsampling="bilinear"]', 1, {"250": 19.0, "500": 38.0})]  # an ablation variant
     table = paired_table(runs)
     assert "- `senatra` - `senatra-none`, seeds 0,1: @250 +0.5 (-1.0 to +2.0), @500 +2.0 (-1.0 to +5.0); " \
            "ahead at 1 of 2 seeds @500" in table
+    assert '- `senatra` - `senatra-none[uniform_upsampling="bilinear"]`, seeds 1: @250 +1.0, @500 -2.0; ' \
+           "ahead at 0 of 1 seeds @500" in table
     assert "grouping_iterations" not in table and "nano" not in table and "segformer" not in table
     assert paired_table([run("senatra", 0, {"250": 1.0})]) == ""
 

@@ -50,15 +50,17 @@ def learning_table(runs: list[dict]) -> str:
 
 
 def paired_table(runs: list[dict]) -> str:
-    """Per recipe, model minus its ablation (`X` - `X-none`) at the same seed: mean (min-max) over the seeds both
-    ran, at each step both evaluated, and how many of those seeds the model leads at the last of those steps."""
+    """Per recipe, model minus its ablation (`X` - `X-none`, and `X` - each variant `X-none[...]`) at the same
+    seed: mean (min-max) over the seeds both ran, at each step both evaluated, and how many of those seeds the
+    model leads at the last of those steps."""
     lines = []
     for recipe in sorted({run["recipe"] for run in runs}):
         by_model = {}
         for run in runs:
             if run["recipe"] == recipe:
                 by_model.setdefault(run["model"], {})[run["seed"]] = run["val_miou_by_step"]
-        pairs = [(m, f"{m}-none") for m in sorted(by_model) if f"{m}-none" in by_model]
+        pairs = [(model, ablation) for model in sorted(by_model) for ablation in sorted(by_model)
+                 if ablation == f"{model}-none" or ablation.startswith(f"{model}-none[")]
         rows = []
         for model, ablation in pairs:
             seeds = sorted(set(by_model[model]) & set(by_model[ablation]))
