@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from native_seg_hf.models.configuration_senatra import UNIFORM_UPSAMPLING
 from native_seg_hf.models.grouping import (
     NEIGHBOUR_OFFSETS,
+    UNIFORM_ASSIGNMENTS,
     bilinear_assignment,
     dense_grouping_step_torch,
     downsample,
@@ -149,6 +151,8 @@ def test_bilinear_assignment_is_bilinear_interpolation(height, width):
     torch.testing.assert_close(upsample(coarse, assignment, "none"), expected.permute(0, 2, 3, 1))
     torch.testing.assert_close(assignment.sum(-1), torch.ones(2, height, width, dtype=torch.float64))
     assert torch.equal(assignment.argmax(-1), parent_assignment(2, height, width).argmax(-1))
+    # The config accepts exactly the un-poolings the model knows.
+    assert set(UNIFORM_UPSAMPLING) == set(UNIFORM_ASSIGNMENTS)
 
 
 def test_composed_chain_is_row_stochastic_and_hard_segments_are_its_argmax():
