@@ -121,8 +121,8 @@ RECIPES = {
     "camvid-full": CAMVID_FULL,
     # The same with the class-weighted loss of camvid-main-balanced.
     "camvid-full-balanced": replace(CAMVID_FULL, class_weighting="enet"),
-    # ... over twice the schedule, as camvid-main-balanced-4k: at 2000 steps the seeds still gain 1-4 points per
-    # 250 steps and differ by up to 3 points.
+    # ... over twice the schedule, as camvid-main-balanced-4k: the 2000-step runs still gain 1-5 points over their
+    # last 500 steps and their seeds differ by up to 3 points.
     "camvid-full-balanced-4k": replace(CAMVID_FULL, class_weighting="enet", schedule_steps=4000, eval_every=500),
     # A few steps on whatever data is there (the bundled fixture in tests): checks the machinery, not learning.
     "smoke": Recipe(crop=(64, 96), base_short_side=96, scale_range=(0.8, 1.2), jitter=True, batch_size=2,
